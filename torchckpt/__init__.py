@@ -1,0 +1,80 @@
+"""torchckpt: crash-safe, verified, fast PyTorch checkpoints for notebooks and DeepSpeed.
+
+``import torchckpt`` stays light: DeepSpeed is imported only when the engine is first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    CheckpointInUseError,
+    CommitError,
+    CorruptCheckpointError,
+    DeviceUnavailableError,
+    IncompleteCheckpointError,
+    InvalidTagError,
+    ManifestError,
+    StoreLockedError,
+    TagNotFoundError,
+    TorchckptError,
+    UnsafeCheckpointError,
+    WriteError,
+)
+
+if TYPE_CHECKING:
+    from .async_writer import AsyncWriter
+    from .engine import TorchCheckpointEngine, install
+    from .store import CheckpointInfo, CheckpointStore, LatestFallbackWarning, Transaction, VerifyReport
+
+# name -> module that defines it; imported on first access (PEP 562).
+_LAZY = {
+    "TorchCheckpointEngine": "engine",
+    "install": "engine",
+    "CheckpointStore": "store",
+    "CheckpointInfo": "store",
+    "Transaction": "store",
+    "VerifyReport": "store",
+    "LatestFallbackWarning": "store",
+    "AsyncWriter": "async_writer",
+}
+
+__all__ = [
+    "AsyncWriter",
+    "CheckpointInUseError",
+    "CheckpointInfo",
+    "CheckpointStore",
+    "CommitError",
+    "CorruptCheckpointError",
+    "DeviceUnavailableError",
+    "IncompleteCheckpointError",
+    "InvalidTagError",
+    "LatestFallbackWarning",
+    "ManifestError",
+    "StoreLockedError",
+    "TagNotFoundError",
+    "TorchCheckpointEngine",
+    "TorchckptError",
+    "Transaction",
+    "UnsafeCheckpointError",
+    "VerifyReport",
+    "WriteError",
+    "install",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,233 @@
+"""``TorchCheckpointEngine``: DeepSpeed's checkpoint engine interface over the checkpoint store.
+
+A drop-in for ``deepspeed.runtime.checkpoint_engine.TorchCheckpointEngine`` that DeepSpeed
+drives unchanged, and that adds what DeepSpeed's own engine lacks: atomic durable files, a
+manifest with checksums as the commit marker, an atomic ``latest``, verified and safe
+(weights-only) loading, ``map_location="auto"`` and optional asynchronous writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+from deepspeed.utils import log_dist
+
+from . import serialization
+from .async_writer import AsyncWriter
+from .errors import CommitError, CorruptCheckpointError, IncompleteCheckpointError
+from .manifest import MANIFEST_NAME, read_manifest, validate_tag
+from .store import CheckpointStore, Transaction, _check_file
+
+logger = logging.getLogger(__name__)
+
+ENGINE_NAME = "torchckpt.TorchCheckpointEngine"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine saves and loads. Validated on construction.
+
+    Attributes:
+        async_save: write files in the background; DeepSpeed commits at its next step.
+        max_inflight_bytes: cap on snapshot memory in async mode (None: no cap).
+        verify_on_load: check each file's checksum against the manifest before loading it.
+        allow_incomplete: load tags without a manifest (uncommitted, or DeepSpeed's own).
+        allow: extra globals to allow in safe loading ("module.Name" or objects).
+        trusted: load with weights_only=False (runs arbitrary pickled code).
+        map_location: used when DeepSpeed passes none (None: as saved; "auto"; "cpu"; ...).
+        metadata: user metadata recorded in every manifest (step, note, ...).
+        commit_timeout: seconds every rank waits for the others at commit.
+    """
+
+    async_save: bool = False
+    max_inflight_bytes: int | None = None
+    verify_on_load: bool = True
+    allow_incomplete: bool = False
+    allow: tuple = ()
+    trusted: bool = False
+    map_location: Any = None
+    metadata: tuple = ()
+    commit_timeout: float = 600.0
+
+    def __post_init__(self):
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes <= 0:
+            raise ValueError(f"max_inflight_bytes must be positive or None, got {self.max_inflight_bytes!r}")
+        if self.commit_timeout <= 0:
+            raise ValueError(f"commit_timeout must be positive, got {self.commit_timeout!r}")
+        for name in ("async_save", "verify_on_load", "allow_incomplete", "trusted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _as_info(info: CheckpointCommitInfo | str, save_dir: str | None) -> CheckpointCommitInfo:
+    """Older DeepSpeed versions pass a bare tag to create/commit."""
+    if isinstance(info, CheckpointCommitInfo):
+        return info
+    if isinstance(info, str):
+        return CheckpointCommitInfo(tag=info, save_dir=save_dir or "", save_latest=True)
+    raise TypeError(f"expected a CheckpointCommitInfo or a tag string, got {type(info).__name__}")
+
+
+class TorchCheckpointEngine(CheckpointEngine):
+    """DeepSpeed checkpoint engine: crash-safe, verified, safe to load, optionally async.
+
+    DeepSpeed calls, per checkpoint: ``makedirs(save_dir)`` (rank 0), ``create(info)``,
+    ``makedirs(tag_dir)``, ``save(state_dict, path)`` once per file on each writing rank,
+    ``commit(info)`` (for async engines, at the next optimizer step, via ``get_commit_info``),
+    then it rewrites ``latest`` itself; for loading, ``load(path, map_location)`` per file;
+    ``cleanup()`` on shutdown.
+
+    Install it after ``deepspeed.initialize``::
+
+        engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=...)
+        torchckpt.install(engine)                 # or: async_save=True, map_location="auto"
+        engine.save_checkpoint("checkpoints", tag="step-100")
+
+    Args:
+        config_params: DeepSpeed's config (unused, accepted for compatibility).
+        **options: fields of :class:`EngineOptions`.
+    """
+
+    def __init__(self, config_params: Any = None, **options: Any):
+        super().__init__(config_params)
+        self.name = ENGINE_NAME
+        if "allow" in options:
+            options["allow"] = tuple(options["allow"])
+        if "metadata" in options:
+            options["metadata"] = tuple(dict(options["metadata"]).items())
+        self.options = EngineOptions(**options)
+        self._writer = AsyncWriter(max_inflight_bytes=self.options.max_inflight_bytes) if self.options.async_save else None
+        self._tx: Transaction | None = None
+        self._info: CheckpointCommitInfo | None = None
+        self._manifests: dict[Path, Any] = {}
+        log_dist(f"[{ENGINE_NAME}] initialized (async_save={self.options.async_save})", ranks=[0])
+
+    # -- the transaction -----------------------------------------------------------------
+    def create(self, info: CheckpointCommitInfo | str) -> None:
+        info = _as_info(info, self._info.save_dir if self._info else None)
+        validate_tag(info.tag)
+        if self._tx is not None and self._writer is not None and self._info is not None:
+            self.commit(self._info)  # the previous async save, not yet committed by DeepSpeed
+        elif self._tx is not None:
+            log_dist(f"[{ENGINE_NAME}] abandoning uncommitted checkpoint {self._tx.tag}", ranks=[0], level=logging.WARNING)
+            self._tx.abort()
+        store = CheckpointStore(info.save_dir)
+        self._tx = store.transaction(info.tag, writer=self._writer, coordinator=self._coordinator())
+        self._info = info
+        self._manifests.pop(self._tx.dir.resolve(), None)
+        log_dist(f"[{ENGINE_NAME}] checkpoint {info.tag} is about to be saved", ranks=[0])
+
+    def _coordinator(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            from ._distributed import TorchDistributedCoordinator
+
+            return TorchDistributedCoordinator(timeout=self.options.commit_timeout)
+        return None
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self._tx is None:
+            raise CommitError(
+                f"save({path!r}) called outside a checkpoint: call create(info) first "
+                "(DeepSpeed's save_checkpoint does this)"
+            )
+        self._tx.write(self._tx.relpath(path), state_dict)
+
+    def commit(self, info: CheckpointCommitInfo | str) -> bool:
+        info = _as_info(info, self._info.save_dir if self._info else None)
+        tx = self._tx
+        if tx is None or tx.tag != info.tag:
+            if self._tx is None and self._info is not None and self._info.tag == info.tag:
+                return True  # already committed (DeepSpeed may call again from cleanup)
+            raise CommitError(f"commit({info.tag!r}) without a matching create(); the open checkpoint is {tx and tx.tag!r}")
+        try:
+            tx.commit(metadata=dict(self.options.metadata), save_latest=info.save_latest)
+        finally:
+            self._tx = None
+        log_dist(f"[{ENGINE_NAME}] checkpoint {info.tag} committed", ranks=[0])
+        return True
+
+    # -- async (decoupled) protocol --------------------------------------------------------
+    def is_decoupled(self) -> bool:
+        return self._writer is not None
+
+    def get_commit_info(self) -> CheckpointCommitInfo | None:
+        return self._info if self._tx is not None and self._writer is not None else None
+
+    def set_commit_info(self, info: CheckpointCommitInfo) -> None:
+        self._info = info
+
+    def preserves_storage_sharing(self) -> bool:
+        # In async mode our snapshot compacts views itself, so DeepSpeed need not clone first.
+        return self._writer is None
+
+    def cleanup(self) -> None:
+        if self._tx is not None and self._writer is not None and self._info is not None:
+            self.commit(self._info)
+        if self._writer is not None:
+            self._writer.close()
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, path: str, map_location: Any = None) -> Any:
+        path_p = Path(path)
+        tag_dir, relpath = self._locate(path_p)
+        manifest = self._manifest(tag_dir)
+        if manifest is None:
+            if not self.options.allow_incomplete:
+                raise IncompleteCheckpointError(
+                    f"{tag_dir} has no {MANIFEST_NAME}: the checkpoint was never committed, or was written "
+                    "by another engine; adopt it with `torchckpt adopt`, or pass allow_incomplete=True"
+                )
+        elif self.options.verify_on_load:
+            rec = manifest.files.get(relpath)
+            if rec is None:
+                raise CorruptCheckpointError(f"{path} is not listed in the manifest of {tag_dir.name!r}")
+            if problem := _check_file(tag_dir, rec):
+                raise CorruptCheckpointError(f"checkpoint {tag_dir.name!r} is corrupt: {problem}")
+        if map_location is None:
+            map_location = self.options.map_location
+        log_dist(f"[{ENGINE_NAME}] loading {path}", ranks=[0])
+        return serialization.load(
+            path_p, map_location=map_location, allow=self.options.allow, trusted=self.options.trusted
+        )
+
+    def _locate(self, path: Path) -> tuple[Path, str]:
+        """The tag directory holding ``path`` (the nearest ancestor with a manifest, else the parent)."""
+        path = path.absolute()
+        for parent in path.parents:
+            if (parent / MANIFEST_NAME).exists():
+                return parent, path.relative_to(parent).as_posix()
+        return path.parent, path.name
+
+    def _manifest(self, tag_dir: Path):
+        key = tag_dir.resolve()
+        try:
+            mtime = (tag_dir / MANIFEST_NAME).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        cached = self._manifests.get(key)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_manifest(tag_dir))
+            self._manifests[key] = cached
+        return cached[1]
+
+
+def install(ds_engine: Any, **options: Any) -> TorchCheckpointEngine:
+    """Replace a DeepSpeed engine's checkpoint engine with torchckpt's.
+
+    Call after ``deepspeed.initialize`` on every rank; options as :class:`EngineOptions`.
+    """
+    old = getattr(ds_engine, "checkpoint_engine", None)
+    if old is not None and old.is_decoupled():
+        old.cleanup()
+    engine = TorchCheckpointEngine(getattr(ds_engine, "_config", None), **options)
+    ds_engine.checkpoint_engine = engine
+    return engine

@@ -1,0 +1,192 @@
+"""How torchckpt turns objects into bytes and back: torch.save's zip format, safe loading.
+
+Saving always uses torch's zip format (readable by plain ``torch.load`` and memory-mappable).
+Loading is ``weights_only=True`` unless the caller says ``trusted=True``; globals a checkpoint
+needs beyond torch's own are allowed only when they are on :data:`DEFAULT_ALLOWLIST` (DeepSpeed's
+and the standard library's harmless objects that DeepSpeed checkpoints contain) or named by the
+caller in ``allow``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .errors import DeviceUnavailableError, UnsafeCheckpointError
+
+logger = logging.getLogger(__name__)
+
+MapLocation = Union[None, str, torch.device, dict, Callable]
+Allow = Iterable[Union[str, type, Callable]]
+
+#: Globals found in checkpoints that DeepSpeed itself writes (ZeRO stages 0-3, fp16/bf16,
+#: schedulers), each a plain enum, dataclass-like value or container with no side effects.
+DEFAULT_ALLOWLIST: tuple[str, ...] = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "argparse.Namespace",
+    "collections.defaultdict",
+    "collections.OrderedDict",
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.slice",
+    "builtins.complex",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.Float64DType",
+    "numpy.dtypes.Float32DType",
+    "numpy.dtypes.Int64DType",
+    "numpy.dtypes.Int32DType",
+    "numpy.dtypes.UInt32DType",
+    "numpy.dtypes.BoolDType",
+)
+
+
+def save(obj: Any, stream) -> None:
+    """Serialise ``obj`` into a binary stream in torch's zip format."""
+    torch.save(obj, stream, _use_new_zipfile_serialization=True)
+
+
+def resolve_global(dotted: str) -> Any:
+    """Import ``module.Name`` (nested attributes allowed) and return the object."""
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        return obj
+    raise ImportError(f"cannot import {dotted!r}")
+
+
+def _allowed_globals(needed: list[str], allow: Allow) -> tuple[list[Any], list[str]]:
+    """The safe-globals entries for ``needed``, and the names that stay disallowed."""
+    by_name: dict[str, Any] = {}
+    names = set(DEFAULT_ALLOWLIST)
+    for item in allow:
+        if isinstance(item, str):
+            names.add(item)
+        else:
+            by_name[f"{item.__module__}.{item.__qualname__}"] = item
+    entries, missing = [], []
+    for name in needed:
+        if name in by_name:
+            entries.append((by_name[name], name))
+        elif name in names:
+            try:
+                entries.append((resolve_global(name), name))
+            except ImportError:
+                missing.append(name)
+        else:
+            missing.append(name)
+    return entries, missing
+
+
+def _unsafe_error(path: Path, missing: list[str]) -> UnsafeCheckpointError:
+    shown = ", ".join(missing)
+    return UnsafeCheckpointError(
+        f"{path} needs globals that safe loading does not allow: {shown}. "
+        f"If you trust them, pass allow=[{', '.join(repr(m) for m in missing)}] "
+        "(or the objects themselves); if you trust the whole file, pass trusted=True "
+        "(this runs arbitrary pickled code)",
+        missing,
+    )
+
+
+def resolve_map_location(map_location: MapLocation) -> MapLocation:
+    """``"auto"`` becomes the current CUDA device when there is one, else ``"cpu"``."""
+    if isinstance(map_location, str) and map_location == "auto":
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if isinstance(map_location, str) and map_location.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"map_location={map_location!r} but CUDA is not available here; use map_location='cpu' or 'auto'"
+        )
+    return map_location
+
+
+def load(
+    path: str | Path,
+    *,
+    map_location: MapLocation = None,
+    allow: Allow = (),
+    trusted: bool = False,
+    mmap: bool = True,
+) -> Any:
+    """Load one file written by torch.save, safely by default.
+
+    Args:
+        path: the file.
+        map_location: anything ``torch.load`` accepts, or ``"auto"``.
+        allow: extra globals to allow, as objects or ``"module.Name"`` strings.
+        trusted: load with ``weights_only=False`` (runs arbitrary pickled code).
+        mmap: memory-map the file (zip format only) instead of reading it into memory first.
+
+    Raises:
+        UnsafeCheckpointError: the file needs globals that are not allowed.
+        DeviceUnavailableError: tensors were saved on a device this machine lacks.
+    """
+    path = Path(path)
+    location = resolve_map_location(map_location)
+    use_mmap = mmap and _is_zip(path)
+    if trusted:
+        return _torch_load(path, location, weights_only=False, mmap=use_mmap)
+    entries: list[Any] = []
+    if use_mmap or _is_zip(path):
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        entries, missing = _allowed_globals(needed, allow)
+        if missing:
+            raise _unsafe_error(path, missing)
+    try:
+        with torch.serialization.safe_globals(entries):
+            return _torch_load(path, location, weights_only=True, mmap=use_mmap)
+    except Exception as e:  # the weights-only unpickler reports a disallowed global this way
+        text = str(e)
+        if "Unsupported global" in text or "Weights only load failed" in text:
+            missing = _globals_from_message(text)
+            raise _unsafe_error(path, missing or ["<unknown>"]) from e
+        raise
+
+
+def _torch_load(path: Path, location: MapLocation, *, weights_only: bool, mmap: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location=location, weights_only=weights_only, mmap=mmap)
+    except RuntimeError as e:
+        text = str(e)
+        if "torch.cuda.is_available() is False" in text or "CUDA device" in text and "not available" in text:
+            raise DeviceUnavailableError(
+                f"{path} holds tensors saved on a CUDA device and CUDA is not available here; "
+                "load with map_location='cpu' (or 'auto')"
+            ) from e
+        if "Attempting to deserialize object on CUDA device" in text:
+            raise DeviceUnavailableError(
+                f"{path} holds tensors saved on a CUDA device this machine does not have ({text.splitlines()[0]}); "
+                "load with map_location='cuda:0', 'cpu' or 'auto'"
+            ) from e
+        raise
+
+
+def _globals_from_message(text: str) -> list[str]:
+    import re
+
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"

@@ -1,0 +1,658 @@
+"""The checkpoint store: one root directory of tags, and the transaction that writes a tag.
+
+Everything that lists, inspects, verifies, loads, deletes or writes checkpoints goes through
+:class:`CheckpointStore`; the DeepSpeed engine, the magics, the panel and the CLI are shells
+over it. The on-disk contract is in docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import filelock
+
+from . import serialization
+from ._fileio import atomic_writer, checksum_file, fsync_dir, is_tmp_name, write_bytes_atomic
+from .errors import (
+    CheckpointInUseError,
+    CommitError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ManifestError,
+    StoreLockedError,
+    TagNotFoundError,
+    WriteError,
+)
+from .manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    RESERVED_PREFIX,
+    FileRecord,
+    Manifest,
+    check_metadata,
+    current_versions,
+    read_manifest,
+    validate_relpath,
+    validate_tag,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from .async_writer import AsyncWriter
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".torchckpt.lock"
+WRITING_NAME = ".torchckpt-writing"
+TRASH_PREFIX = ".torchckpt-trash-"
+RANK_PART = ".torchckpt-rank-{rank:05d}.json"
+
+
+class LatestFallbackWarning(UserWarning):
+    """``latest`` was missing, torn or named an incomplete tag; the newest committed tag was used."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the store knows about one tag, without loading any tensor."""
+
+    tag: str
+    path: Path
+    committed: bool
+    created: float
+    size: int
+    is_latest: bool = False
+    in_flight: bool = False
+    manifest: Manifest | None = None
+    problem: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.in_flight:
+            return "writing"
+        if self.problem:
+            return "unreadable"
+        return "committed" if self.committed else "incomplete"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest.metadata if self.manifest else {}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of re-checking every file of a tag against its manifest."""
+
+    tag: str
+    files_checked: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What :meth:`CheckpointStore.gc` removed (or, in a dry run, would remove)."""
+
+    committed: list[str]
+    incomplete: list[str]
+    leftovers: list[Path]
+    kept: list[str]
+    dry_run: bool
+
+
+class Coordinator(Protocol):
+    """How the ranks of one commit agree; see :mod:`torchckpt._distributed`."""
+
+    rank: int
+    world_size: int
+
+    def gather_errors(self, error: str | None, *, step: str) -> list[str | None]:
+        """Every rank's error (None when fine) for ``step``, on every rank; never hangs."""
+
+
+class LocalCoordinator:
+    """One process: nothing to agree on."""
+
+    rank = 0
+    world_size = 1
+
+    def gather_errors(self, error: str | None, *, step: str) -> list[str | None]:
+        return [error]
+
+
+def _in_flight(tag_dir: Path) -> bool:
+    """True while some process holds the tag's writing lock (released by the OS on death)."""
+    try:
+        fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class CheckpointStore:
+    """A directory of checkpoint tags.
+
+    Args:
+        root: the checkpoint root (created on first write).
+        lock_timeout: seconds to wait for another process's lock on the root before failing.
+
+    Example:
+        >>> store = CheckpointStore("checkpoints")
+        >>> with store.transaction("step-100") as tx:
+        ...     tx.write("model.pt", model.state_dict())
+        ...     tx.commit(metadata={"step": 100})
+        >>> state = store.load("latest", "model.pt", map_location="cpu")
+    """
+
+    def __init__(self, root: str | os.PathLike, *, lock_timeout: float = 60.0):
+        self.root = Path(root).expanduser().absolute()
+        self.lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({str(self.root)!r})"
+
+    # -- paths and locking ---------------------------------------------------------------
+    def tag_dir(self, tag: str) -> Path:
+        return self.root / validate_tag(tag)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the root's lock (manifests, ``latest``, deletions). Released by the OS if we die."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(self.root / LOCK_NAME), timeout=self.lock_timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout as e:
+            raise StoreLockedError(
+                f"another process has held the lock on {self.root} for over {self.lock_timeout:g}s "
+                "(another kernel committing or deleting?); wait for it, or raise lock_timeout"
+            ) from e
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _latest_named(self) -> str | None:
+        try:
+            text = (self.root / LATEST_NAME).read_text(encoding="utf-8", errors="replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return text
+
+    def _info(self, tag_dir: Path, latest: str | None) -> CheckpointInfo:
+        tag = tag_dir.name
+        manifest, problem = None, None
+        try:
+            manifest = read_manifest(tag_dir)
+        except ManifestError as e:
+            problem = str(e)
+        if manifest is not None:
+            created, size = manifest.created, manifest.size
+        else:
+            created = tag_dir.stat().st_mtime
+            size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file() and not p.is_symlink())
+        return CheckpointInfo(
+            tag=tag,
+            path=tag_dir,
+            committed=manifest is not None,
+            created=created,
+            size=size,
+            is_latest=manifest is not None and tag == latest,
+            in_flight=_in_flight(tag_dir),
+            manifest=manifest,
+            problem=problem,
+        )
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every tag under the root, committed or not, oldest first."""
+        if not self.root.is_dir():
+            return []
+        latest = self._resolve_latest(warn=False)
+        infos = []
+        for entry in self.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith("."):
+                try:
+                    validate_tag(entry.name)
+                except ValueError:
+                    continue
+                infos.append(self._info(entry, latest))
+        return sorted(infos, key=lambda i: (i.created, i.tag))
+
+    def tags(self, *, committed_only: bool = False) -> list[str]:
+        return [i.tag for i in self.list() if i.committed or not committed_only]
+
+    def info(self, tag: str) -> CheckpointInfo:
+        """Details of one tag (``"latest"`` allowed); raises TagNotFoundError."""
+        tag = self._existing(tag)
+        return self._info(self.root / tag, self._resolve_latest(warn=False))
+
+    def latest(self) -> str | None:
+        """The tag ``latest`` names if it is committed; else the newest committed tag, with a warning."""
+        return self._resolve_latest(warn=True)
+
+    def _resolve_latest(self, *, warn: bool) -> str | None:
+        named = self._latest_named()
+        reason = None
+        if named is None:
+            reason = "is missing"
+        elif not named:
+            reason = "is empty (torn write?)"
+        else:
+            try:
+                if read_manifest(self.root / validate_tag(named)) is not None:
+                    return named
+                reason = f"names {named!r}, which is not committed"
+            except (ValueError, ManifestError, OSError):
+                reason = f"holds {named[:60]!r}, which is not a committed tag"
+        committed = []
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                if entry.is_dir() and not entry.name.startswith("."):
+                    with contextlib.suppress(ValueError, ManifestError, OSError):
+                        validate_tag(entry.name)
+                        m = read_manifest(entry)
+                        if m is not None:
+                            committed.append((m.created, m.tag))
+        if not committed:
+            return None
+        newest = max(committed)[1]
+        if warn and named is not None:  # no 'latest' at all is normal for save_latest=False
+            warnings.warn(
+                f"{self.root / LATEST_NAME} {reason}; using the newest committed tag {newest!r}",
+                LatestFallbackWarning,
+                stacklevel=3,
+            )
+        return newest
+
+    def _existing(self, tag: str | None) -> str:
+        if tag is None or tag == LATEST_NAME:
+            resolved = self.latest()
+            if resolved is None:
+                raise TagNotFoundError(f"no committed checkpoint in {self.root}; save one first")
+            return resolved
+        tag_dir = self.tag_dir(tag)
+        if not tag_dir.is_dir():
+            known = self.tags()
+            close = difflib.get_close_matches(tag, known, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else (
+                f"; known tags: {', '.join(known[-5:])}" if known else "; the root has no checkpoints yet"
+            )
+            raise TagNotFoundError(f"no checkpoint {tag!r} in {self.root}{hint}")
+        return tag
+
+    def resolve(self, tag: str | None = LATEST_NAME, *, allow_incomplete: bool = False) -> str:
+        """The tag to load: ``latest``/None resolved, existence checked, completeness enforced."""
+        tag = self._existing(tag)
+        if not allow_incomplete and read_manifest(self.root / tag) is None:
+            raise IncompleteCheckpointError(
+                f"checkpoint {tag!r} in {self.root} is incomplete (no {MANIFEST_NAME}: never committed, "
+                "or written without torchckpt); commit it, adopt it with `torchckpt adopt`, "
+                "or load with allow_incomplete=True"
+            )
+        return tag
+
+    def manifest(self, tag: str) -> Manifest:
+        tag = self.resolve(tag)
+        manifest = read_manifest(self.root / tag)
+        assert manifest is not None  # resolve() checked
+        return manifest
+
+    def verify(self, tag: str) -> VerifyReport:
+        """Recompute every checksum of a committed tag; report each missing or mismatching file."""
+        tag = self._existing(tag)
+        tag_dir = self.root / tag
+        try:
+            manifest = read_manifest(tag_dir)
+        except ManifestError as e:
+            return VerifyReport(tag, 0, [f"{MANIFEST_NAME}: {e}"])
+        if manifest is None:
+            return VerifyReport(tag, 0, [f"{MANIFEST_NAME}: missing - the tag was never committed"])
+        problems = [p for rec in manifest.files.values() if (p := _check_file(tag_dir, rec))]
+        return VerifyReport(tag, len(manifest.files), problems)
+
+    def load(
+        self,
+        tag: str | None,
+        relpath: str,
+        *,
+        map_location: serialization.MapLocation = None,
+        verify: bool = True,
+        allow: serialization.Allow = (),
+        trusted: bool = False,
+        allow_incomplete: bool = False,
+        mmap: bool = True,
+    ) -> Any:
+        """Load one file of a tag, checking it against the manifest first (``verify``)."""
+        tag = self.resolve(tag, allow_incomplete=allow_incomplete)
+        validate_relpath(relpath)
+        path = self.root / tag / relpath
+        manifest = read_manifest(self.root / tag)
+        if manifest is not None:
+            rec = manifest.files.get(relpath)
+            if rec is None:
+                raise TagNotFoundError(
+                    f"checkpoint {tag!r} has no file {relpath!r}; it has: {', '.join(sorted(manifest.files))}"
+                )
+            if verify and (problem := _check_file(self.root / tag, rec)):
+                raise CorruptCheckpointError(
+                    f"checkpoint {tag!r} is corrupt: {problem}; restore it from a copy, or load with verify=False"
+                )
+        elif not path.is_file():
+            raise TagNotFoundError(f"checkpoint {tag!r} has no file {relpath!r}")
+        return serialization.load(path, map_location=map_location, allow=allow, trusted=trusted, mmap=mmap)
+
+    # -- writing -----------------------------------------------------------------------------
+    def transaction(
+        self,
+        tag: str,
+        *,
+        writer: AsyncWriter | None = None,
+        coordinator: Coordinator | None = None,
+    ) -> Transaction:
+        """Begin writing ``tag``: nothing is visible as committed until :meth:`Transaction.commit`."""
+        return Transaction(self, tag, writer=writer, coordinator=coordinator)
+
+    def set_latest(self, tag: str) -> None:
+        """Replace ``latest`` atomically (the caller holds :meth:`lock`)."""
+        write_bytes_atomic(self.root / LATEST_NAME, validate_tag(tag).encode())
+        fsync_dir(self.root)
+
+    # -- removing ----------------------------------------------------------------------------
+    def delete(self, tag: str, *, allow_latest: bool = False) -> None:
+        """Remove a tag. Refuses a tag being written, and ``latest`` unless ``allow_latest``."""
+        tag = self._existing(tag)
+        with self.lock():
+            self._delete_locked(tag, allow_latest=allow_latest)
+
+    def _delete_locked(self, tag: str, *, allow_latest: bool) -> None:
+        tag_dir = self.root / tag
+        if _in_flight(tag_dir):
+            raise CheckpointInUseError(f"checkpoint {tag!r} is being written by another process or save; wait for its commit")
+        is_latest = self._resolve_latest(warn=False) == tag
+        if is_latest and not allow_latest:
+            raise CheckpointInUseError(
+                f"checkpoint {tag!r} is 'latest'; pass allow_latest=True (or --force) to remove it anyway"
+            )
+        # Un-commit first, durably: a crash mid-removal leaves an incomplete tag, never a torn committed one.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tag_dir / MANIFEST_NAME)
+            fsync_dir(tag_dir)
+        trash = self.root / f"{TRASH_PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
+        os.rename(tag_dir, trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        if is_latest:
+            successor = self._resolve_latest(warn=False)
+            if successor is not None:
+                self.set_latest(successor)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / LATEST_NAME)
+        logger.info("removed checkpoint %s from %s", tag, self.root)
+
+    def gc(self, *, keep_last: int | None = None, dry_run: bool = False) -> GcPlan:
+        """Remove leftovers of crashes and, with ``keep_last``, old committed tags.
+
+        Removes incomplete tags nobody is writing, temporary files of dead writers and
+        half-deleted directories. With ``keep_last=N`` it also removes committed tags older
+        than the newest N. Never removes ``latest`` or a tag being written.
+        """
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+        with self.lock():
+            infos = self.list()
+            latest = self._resolve_latest(warn=False)
+            incomplete = [i.tag for i in infos if not i.committed and not i.in_flight]
+            committed = [i for i in infos if i.committed and not i.in_flight]
+            doomed: list[str] = []
+            if keep_last is not None:
+                newest = {i.tag for i in sorted(committed, key=lambda i: i.created)[-keep_last:]}
+                doomed = [i.tag for i in committed if i.tag not in newest and i.tag != latest]
+            leftovers = [p for p in self.root.iterdir() if p.name.startswith(TRASH_PREFIX) or is_tmp_name(p.name)]
+            for info in infos:
+                if not info.in_flight and info.tag not in incomplete:
+                    leftovers += [p for p in info.path.rglob(".*") if is_tmp_name(p.name)]
+            kept = [i.tag for i in infos if i.tag not in doomed and i.tag not in incomplete]
+            if not dry_run:
+                for tag in doomed + incomplete:
+                    self._delete_locked(tag, allow_latest=False)
+                for path in leftovers:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+        return GcPlan(committed=doomed, incomplete=incomplete, leftovers=leftovers, kept=kept, dry_run=dry_run)
+
+
+def _check_file(tag_dir: Path, rec: FileRecord) -> str | None:
+    path = tag_dir / rec.path
+    try:
+        size, checksum = checksum_file(path)
+    except FileNotFoundError:
+        return f"{rec.path}: missing"
+    except OSError as e:
+        return f"{rec.path}: unreadable ({e.strerror})"
+    if size != rec.size:
+        return f"{rec.path}: size {size} bytes, manifest says {rec.size} (truncated or replaced)"
+    if checksum != rec.checksum:
+        return f"{rec.path}: checksum mismatch (bytes changed since commit)"
+    return None
+
+
+def scan_files(tag_dir: Path) -> list[str]:
+    """Relative paths of the data files in a tag directory (bookkeeping and temporaries excluded)."""
+    found = []
+    for path in tag_dir.rglob("*"):
+        rel = path.relative_to(tag_dir).as_posix()
+        if path.is_file() and not path.is_symlink() and not is_tmp_name(path.name) and path.name != MANIFEST_NAME:
+            if not rel.split("/")[0].startswith(RESERVED_PREFIX):
+                found.append(rel)
+    return sorted(found)
+
+
+class Transaction:
+    """Writes one tag: files are atomic and durable; the manifest is written last, at commit.
+
+    Use as a context manager: leaving the block without :meth:`commit` aborts (the tag stays
+    incomplete, temporary files are removed).
+    """
+
+    def __init__(self, store: CheckpointStore, tag: str, *, writer=None, coordinator=None):
+        self.store = store
+        self.tag = validate_tag(tag)
+        self.dir = store.root / self.tag
+        self.writer = writer
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
+        self._records: dict[str, FileRecord] = {}
+        self._pending: list[Any] = []
+        self._mutex = threading.Lock()
+        self._lock_fd: int | None = None
+        self.committed: Manifest | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / WRITING_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._lock_fd = fd
+        if (self.dir / MANIFEST_NAME).exists() and self.coordinator.rank == 0:
+            # Re-saving a committed tag: un-commit it first, so no reader trusts a manifest
+            # whose files are being replaced.
+            logger.warning("overwriting committed checkpoint %s: it is incomplete until committed again", self.tag)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / MANIFEST_NAME)
+            fsync_dir(self.dir)
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.committed is None:
+            self.abort()
+
+    def relpath(self, path: str | os.PathLike) -> str:
+        """The path of ``path`` relative to the tag directory (it must lie inside it)."""
+        p = Path(path)
+        if p.is_absolute():
+            try:
+                rel = p.resolve().relative_to(self.dir.resolve()).as_posix()
+            except ValueError:
+                raise ValueError(f"{p} is not inside the tag directory {self.dir}") from None
+        else:
+            rel = p.as_posix()
+        return validate_relpath(rel)
+
+    def write(self, relpath: str, obj: Any) -> None:
+        """Save ``obj`` as ``relpath`` (torch.save format): atomically, or in the background."""
+        relpath = self.relpath(relpath)
+        final = self.dir / relpath
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if self.writer is not None:
+            self._pending.append(self.writer.submit(final, obj, on_done=lambda w, r=relpath: self._record(r, w)))
+            return
+        with atomic_writer(final) as stream:
+            serialization.save(obj, stream)
+        self._record(relpath, stream.result)
+
+    def _record(self, relpath: str, written) -> None:
+        with self._mutex:
+            self._records[relpath] = FileRecord(relpath, written.size, written.checksum, self.coordinator.rank)
+
+    def wait(self) -> None:
+        """Wait for background writes of this tag; raise the first failure, naming its file."""
+        pending, self._pending = self._pending, []
+        errors = []
+        for handle in pending:
+            try:
+                handle.result()
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                errors.append(e)
+        if errors:
+            first = errors[0]
+            if isinstance(first, WriteError):
+                raise first
+            raise WriteError(getattr(first, "errno", None), f"background write failed: {first}") from first
+
+    def commit(self, *, metadata: dict[str, Any] | None = None, save_latest: bool = True) -> Manifest:
+        """Make the tag complete: wait for writes, fsync, write the manifest, replace ``latest``.
+
+        On many ranks every rank calls this; it fails on every rank, naming the rank and the
+        file, if any rank's writes failed.
+        """
+        metadata = check_metadata(metadata)
+        co = self.coordinator
+        error = None
+        try:
+            self.wait()
+            self._fsync_dirs()
+            if co.world_size > 1:
+                self._write_rank_part()
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = str(e)
+        self._raise_if_any(co.gather_errors(error, step="write"), "not committed")
+
+        manifest, error = None, None
+        if co.rank == 0:
+            try:
+                manifest = self._write_manifest(metadata, save_latest=save_latest)
+            except Exception as e:  # noqa: BLE001
+                error = str(e)
+        self._raise_if_any(co.gather_errors(error, step="commit"), "the manifest could not be written")
+        self._release()
+        self.committed = manifest or Manifest(self.tag, time.time(), dict(self._records), co.world_size)
+        logger.info("committed checkpoint %s in %s", self.tag, self.store.root)
+        return self.committed
+
+    def _raise_if_any(self, errors: list[str | None], what: str) -> None:
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            self.abort()
+            detail = "; ".join(f"rank {r}: {e}" if len(errors) > 1 else e for r, e in failed)
+            raise CommitError(f"checkpoint {self.tag!r} {what}: {detail}; the previous checkpoint is intact")
+
+    def _fsync_dirs(self) -> None:
+        dirs = {self.dir} | {(self.dir / r).parent for r in self._records}
+        for d in sorted(dirs):
+            fsync_dir(d)
+
+    def _write_rank_part(self) -> None:
+        import json
+        from dataclasses import asdict
+
+        part = {"rank": self.coordinator.rank, "files": [asdict(r) for r in self._records.values()]}
+        write_bytes_atomic(self.dir / RANK_PART.format(rank=self.coordinator.rank), json.dumps(part).encode())
+        fsync_dir(self.dir)
+
+    def _gather_records(self) -> dict[str, FileRecord]:
+        import json
+
+        records = dict(self._records)
+        for rank in range(1, self.coordinator.world_size):
+            part_path = self.dir / RANK_PART.format(rank=rank)
+            try:
+                part = json.loads(part_path.read_text())
+            except (OSError, ValueError) as e:
+                raise CommitError(f"rank {rank}'s file list {part_path.name} is missing or unreadable: {e}") from e
+            for entry in part["files"]:
+                records[entry["path"]] = FileRecord(**entry)
+        # Files DeepSpeed put into the tag without the engine (e.g. NVMe offload copies).
+        for rel in scan_files(self.dir):
+            if rel not in records:
+                size, checksum = checksum_file(self.dir / rel)
+                records[rel] = FileRecord(rel, size, checksum, None)
+        return records
+
+    def _write_manifest(self, metadata: dict[str, Any], *, save_latest: bool) -> Manifest:
+        with self.store.lock():
+            manifest = Manifest(
+                tag=self.tag,
+                created=time.time(),
+                files=dict(sorted(self._gather_records().items())),
+                world_size=self.coordinator.world_size,
+                versions=current_versions(),
+                metadata=metadata,
+            )
+            write_manifest(self.dir, manifest)
+            if save_latest:
+                self.store.set_latest(self.tag)
+        for rank in range(self.coordinator.world_size):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / RANK_PART.format(rank=rank))
+        return manifest
+
+    def abort(self) -> None:
+        """Give up: wait for (and ignore) background writes, leave the tag incomplete."""
+        for handle in self._pending:
+            with contextlib.suppress(Exception):
+                handle.result()
+        self._pending = []
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
