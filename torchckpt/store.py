@@ -34,6 +34,7 @@ from .errors import (
     ManifestError,
     StoreLockedError,
     TagNotFoundError,
+    TorchckptError,
     WriteError,
 )
 from .manifest import (
@@ -565,34 +566,39 @@ class Transaction:
         """
         metadata = check_metadata(metadata)
         co = self.coordinator
-        error = None
+        local: Exception | None = None
         try:
             self.wait()
             self._fsync_dirs()
             if co.world_size > 1:
                 self._write_rank_part()
         except Exception as e:  # noqa: BLE001 - reported to every rank below
-            error = str(e)
-        self._raise_if_any(co.gather_errors(error, step="write"), "not committed")
+            local = e
+        self._raise_if_any(co.gather_errors(local and str(local), step="write"), "not committed", local)
 
-        manifest, error = None, None
+        manifest, local = None, None
         if co.rank == 0:
             try:
                 manifest = self._write_manifest(metadata, save_latest=save_latest)
             except Exception as e:  # noqa: BLE001
-                error = str(e)
-        self._raise_if_any(co.gather_errors(error, step="commit"), "the manifest could not be written")
+                local = e
+        self._raise_if_any(
+            co.gather_errors(local and str(local), step="commit"), "the manifest could not be written", local
+        )
         self._release()
         self.committed = manifest or Manifest(self.tag, time.time(), dict(self._records), co.world_size)
         logger.info("committed checkpoint %s in %s", self.tag, self.store.root)
         return self.committed
 
-    def _raise_if_any(self, errors: list[str | None], what: str) -> None:
+    def _raise_if_any(self, errors: list[str | None], what: str, local: Exception | None) -> None:
         failed = [(r, e) for r, e in enumerate(errors) if e]
-        if failed:
-            self.abort()
-            detail = "; ".join(f"rank {r}: {e}" if len(errors) > 1 else e for r, e in failed)
-            raise CommitError(f"checkpoint {self.tag!r} {what}: {detail}; the previous checkpoint is intact")
+        if not failed:
+            return
+        self.abort()
+        if len(errors) == 1 and isinstance(local, TorchckptError):
+            raise local  # one process: the original, already explicit error (WriteError, StoreLockedError...)
+        detail = "; ".join(f"rank {r}: {e}" if len(errors) > 1 else e for r, e in failed)
+        raise CommitError(f"checkpoint {self.tag!r} {what}: {detail}; the previous checkpoint is intact") from local
 
     def _fsync_dirs(self) -> None:
         dirs = {self.dir} | {(self.dir / r).parent for r in self._records}

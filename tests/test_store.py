@@ -1,0 +1,226 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from torchckpt import CheckpointStore, LatestFallbackWarning
+from torchckpt._fileio import is_tmp_name
+from torchckpt.errors import (
+    CheckpointInUseError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    InvalidTagError,
+    StoreLockedError,
+    TagNotFoundError,
+)
+from torchckpt.manifest import MANIFEST_NAME
+
+
+def save(store, tag, value=1.0, *, commit=True, save_latest=True, metadata=None):
+    tx = store.transaction(tag)
+    tx.write("model.pt", {"w": torch.full((4,), value)})
+    tx.write("sub/opt.pt", {"step": int(value)})
+    if commit:
+        return tx.commit(metadata=metadata or {"step": int(value)}, save_latest=save_latest)
+    tx.abort()
+    return None
+
+
+def test_commit_writes_manifest_and_latest(root):
+    store = CheckpointStore(root)
+    manifest = save(store, "a", 1.0, metadata={"step": 1, "note": "hi"})
+    assert (root / "a" / MANIFEST_NAME).is_file()
+    assert (root / "latest").read_text() == "a"
+    assert set(manifest.files) == {"model.pt", "sub/opt.pt"}
+    assert manifest.files["model.pt"].size == (root / "a" / "model.pt").stat().st_size
+    assert manifest.versions["torch"] == torch.__version__
+    info = store.info("a")
+    assert info.committed and info.is_latest and info.metadata["note"] == "hi" and info.status == "committed"
+    assert torch.equal(store.load("latest", "model.pt")["w"], torch.ones(4))
+    assert store.load("a", "sub/opt.pt") == {"step": 1}
+
+
+def test_nothing_visible_before_commit(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    tx = store.transaction("b")
+    tx.write("model.pt", {"w": torch.zeros(4)})
+    info = {i.tag: i for i in store.list()}
+    assert info["b"].status == "writing" and not info["b"].committed
+    assert store.latest() == "a"
+    with pytest.raises(IncompleteCheckpointError, match="'b' .* is incomplete .*allow_incomplete=True"):
+        store.load("b", "model.pt")
+    assert torch.equal(store.load("b", "model.pt", allow_incomplete=True)["w"], torch.zeros(4))
+    tx.commit()
+    assert store.latest() == "b"
+
+
+def test_abort_leaves_incomplete_tag_and_no_tmp_files(root):
+    store = CheckpointStore(root)
+    with pytest.raises(RuntimeError):
+        with store.transaction("x") as tx:
+            tx.write("model.pt", {"w": torch.zeros(1)})
+            raise RuntimeError("user code failed")
+    info = store.info("x")
+    assert info.status == "incomplete"
+    assert not [p for p in (root / "x").iterdir() if is_tmp_name(p.name)]
+
+
+@pytest.mark.parametrize(
+    "latest_content, reason",
+    [(None, None), ("", "is empty"), ("b", "names 'b', which is not committed"), ("../../etc", "not a committed tag"), ("gone", "not committed")],
+)
+def test_latest_falls_back_to_newest_committed(root, latest_content, reason):
+    store = CheckpointStore(root)
+    save(store, "old", 1.0)
+    save(store, "new", 2.0)
+    save(store, "b", 3.0, commit=False)
+    if latest_content is None:
+        os.unlink(root / "latest")
+        assert store.latest() == "new"  # no 'latest' at all (save_latest=False): no warning needed
+        return
+    (root / "latest").write_text(latest_content)
+    with pytest.warns(LatestFallbackWarning, match=reason + ".*newest committed tag 'new'"):
+        assert store.latest() == "new"
+    with pytest.warns(LatestFallbackWarning):
+        assert torch.equal(store.load("latest", "model.pt")["w"], torch.full((4,), 2.0))
+
+
+def test_latest_respects_save_latest_false(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    save(store, "b", 2.0, save_latest=False)
+    assert store.latest() == "a"
+
+
+def test_empty_root(root):
+    store = CheckpointStore(root)
+    assert store.list() == [] and store.latest() is None
+    with pytest.raises(TagNotFoundError, match="no committed checkpoint .* save one first"):
+        store.resolve("latest")
+
+
+def test_unknown_tag_suggests_nearest(root):
+    store = CheckpointStore(root)
+    save(store, "step-100", 1.0)
+    with pytest.raises(TagNotFoundError, match="no checkpoint 'step-10' .*did you mean 'step-100'"):
+        store.info("step-10")
+    with pytest.raises(InvalidTagError, match="path separator"):
+        store.info("../step-100")
+
+
+def test_verify_reports_every_problem_by_file(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    assert store.verify("a").ok
+    model = root / "a" / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    os.unlink(root / "a" / "sub" / "opt.pt")
+    report = store.verify("a")
+    assert not report.ok and report.files_checked == 2
+    assert report.problems == ["model.pt: checksum mismatch (bytes changed since commit)", "sub/opt.pt: missing"]
+    with pytest.raises(CorruptCheckpointError, match="model.pt: checksum mismatch.*verify=False"):
+        store.load("a", "model.pt")
+
+
+def test_verify_truncated_and_unreadable_manifest(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    model = root / "a" / "model.pt"
+    model.write_bytes(model.read_bytes()[:-10])
+    assert "size" in store.verify("a").problems[0] and "truncated" in store.verify("a").problems[0]
+    (root / "a" / MANIFEST_NAME).write_text("{not json")
+    assert "not valid JSON" in store.verify("a").problems[0]
+
+
+def test_resave_uncommits_first(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    tx = store.transaction("a")
+    assert not (root / "a" / MANIFEST_NAME).exists(), "a tag being rewritten must not look committed"
+    tx.write("model.pt", {"w": torch.full((4,), 5.0)})
+    tx.commit()
+    assert torch.equal(store.load("a", "model.pt")["w"], torch.full((4,), 5.0))
+
+
+def test_delete_rules(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    save(store, "b", 2.0)
+    with pytest.raises(CheckpointInUseError, match="'b' is 'latest'.*allow_latest=True"):
+        store.delete("b")
+    store.delete("a")
+    assert store.tags() == ["b"]
+    tx = store.transaction("c")
+    with pytest.raises(CheckpointInUseError, match="being written"):
+        store.delete("c")
+    tx.abort()
+    store.delete("b", allow_latest=True)
+    assert not (root / "latest").exists()
+    assert store.tags() == ["c"]
+
+
+def test_deleting_latest_moves_latest_to_the_newest_remaining(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    save(store, "b", 2.0)
+    store.delete("b", allow_latest=True)
+    assert (root / "latest").read_text() == "a"
+
+
+def test_gc_keep_last_and_leftovers(root):
+    store = CheckpointStore(root)
+    for i, tag in enumerate(["t1", "t2", "t3", "t4"]):
+        save(store, tag, float(i))
+    (root / "latest").write_text("t2")  # latest is older than the newest: must survive retention
+    save(store, "broken", 9.0, commit=False)
+    tmp = root / "t4" / ".model.pt.tmp-123-abcd"
+    tmp.write_bytes(b"half")
+    writing = store.transaction("inflight")
+    plan = store.gc(keep_last=1, dry_run=True)
+    assert plan.dry_run and sorted(plan.committed) == ["t1", "t3"] and plan.incomplete == ["broken"]
+    assert tmp in plan.leftovers
+    assert sorted(store.tags()) == ["broken", "inflight", "t1", "t2", "t3", "t4"], "dry run removes nothing"
+    plan = store.gc(keep_last=1)
+    assert sorted(store.tags()) == ["inflight", "t2", "t4"]
+    assert not tmp.exists()
+    writing.abort()
+    assert store.verify("t2").ok and store.verify("t4").ok
+    with pytest.raises(ValueError, match="keep_last must be an integer >= 1"):
+        store.gc(keep_last=0)
+
+
+def test_lock_timeout_names_the_problem(root):
+    store = CheckpointStore(root, lock_timeout=0.2)
+    save(store, "a", 1.0)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time, filelock
+                lock = filelock.FileLock({str(root / '.torchckpt.lock')!r}); lock.acquire()
+                print('held', flush=True); time.sleep(30)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match="held the lock on .* for over 0.2s"):
+            save(store, "b", 2.0)
+        assert store.info("b").status == "incomplete"
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    save(store, "b", 2.0)  # the lock of a dead process is released by the OS
+    assert store.latest() == "b"
