@@ -21,9 +21,31 @@ def root(tmp_path):
     return tmp_path / "ckpts"
 
 
-@pytest.fixture(autouse=True)
-def _no_deepspeed_env_leak(monkeypatch):
-    # DeepSpeed reads these; tests that need them set them explicitly.
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if name in os.environ and "TORCHCKPT_KEEP_DIST_ENV" not in os.environ:
-            monkeypatch.delenv(name)
+def _free_port(first: int, last: int) -> int:
+    import socket
+
+    for port in range(first, last + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{last} on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def ds_dist():
+    """torch.distributed initialised once per test session: one gloo rank on 127.0.0.1.
+
+    Every in-process DeepSpeed test uses this fixture rather than initialising on its own.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # DeepSpeed reads these again in every initialize(), so they stay set for the session.
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ["MASTER_PORT"] = str(_free_port(29500, 29599))
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    return dist

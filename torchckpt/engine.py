@@ -65,13 +65,21 @@ class EngineOptions:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
-def _as_info(info: CheckpointCommitInfo | str, save_dir: str | None) -> CheckpointCommitInfo:
-    """Older DeepSpeed versions pass a bare tag to create/commit."""
-    if isinstance(info, CheckpointCommitInfo):
-        return info
+def _tag_of(info: Any) -> str:
+    """create/commit take a CheckpointCommitInfo, or a bare tag as older DeepSpeed versions pass."""
     if isinstance(info, str):
-        return CheckpointCommitInfo(tag=info, save_dir=save_dir or "", save_latest=True)
+        return info
+    if all(hasattr(info, a) for a in ("tag", "save_dir", "save_latest")):
+        return info.tag
     raise TypeError(f"expected a CheckpointCommitInfo or a tag string, got {type(info).__name__}")
+
+
+def _save_dir_of(path: Path, tag: str) -> str:
+    """The checkpoint root of a file DeepSpeed saves as ROOT/TAG/.../file."""
+    for parent in path.absolute().parents:
+        if parent.name == tag:
+            return str(parent.parent)
+    raise CommitError(f"{path} is not inside a directory named after the tag {tag!r}; save under ROOT/{tag}/")
 
 
 class TorchCheckpointEngine(CheckpointEngine):
@@ -106,22 +114,30 @@ class TorchCheckpointEngine(CheckpointEngine):
         self._tx: Transaction | None = None
         self._info: CheckpointCommitInfo | None = None
         self._manifests: dict[Path, Any] = {}
+        self._committed: str | None = None
         log_dist(f"[{ENGINE_NAME}] initialized (async_save={self.options.async_save})", ranks=[0])
 
     # -- the transaction -----------------------------------------------------------------
     def create(self, info: CheckpointCommitInfo | str) -> None:
-        info = _as_info(info, self._info.save_dir if self._info else None)
-        validate_tag(info.tag)
+        tag = validate_tag(_tag_of(info))
         if self._tx is not None and self._writer is not None and self._info is not None:
             self.commit(self._info)  # the previous async save, not yet committed by DeepSpeed
         elif self._tx is not None:
             log_dist(f"[{ENGINE_NAME}] abandoning uncommitted checkpoint {self._tx.tag}", ranks=[0], level=logging.WARNING)
             self._tx.abort()
+            self._tx = None
+        if isinstance(info, str):
+            # Older DeepSpeed passes only the tag: the directory is known at the first save().
+            self._info = CheckpointCommitInfo(tag=tag, save_dir="", save_latest=True)
+        else:
+            self._begin(info)
+        log_dist(f"[{ENGINE_NAME}] checkpoint {tag} is about to be saved", ranks=[0])
+
+    def _begin(self, info: CheckpointCommitInfo) -> None:
         store = CheckpointStore(info.save_dir)
         self._tx = store.transaction(info.tag, writer=self._writer, coordinator=self._coordinator())
         self._info = info
         self._manifests.pop(self._tx.dir.resolve(), None)
-        log_dist(f"[{ENGINE_NAME}] checkpoint {info.tag} is about to be saved", ranks=[0])
 
     def _coordinator(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -134,6 +150,8 @@ class TorchCheckpointEngine(CheckpointEngine):
         os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict: Any, path: str) -> None:
+        if self._tx is None and self._info is not None and not self._info.save_dir:
+            self._begin(CheckpointCommitInfo(self._info.tag, _save_dir_of(Path(path), self._info.tag), True))
         if self._tx is None:
             raise CommitError(
                 f"save({path!r}) called outside a checkpoint: call create(info) first "
@@ -142,17 +160,20 @@ class TorchCheckpointEngine(CheckpointEngine):
         self._tx.write(self._tx.relpath(path), state_dict)
 
     def commit(self, info: CheckpointCommitInfo | str) -> bool:
-        info = _as_info(info, self._info.save_dir if self._info else None)
+        tag = _tag_of(info)
+        save_latest = True if isinstance(info, str) else info.save_latest
         tx = self._tx
-        if tx is None or tx.tag != info.tag:
-            if self._tx is None and self._info is not None and self._info.tag == info.tag:
-                return True  # already committed (DeepSpeed may call again from cleanup)
-            raise CommitError(f"commit({info.tag!r}) without a matching create(); the open checkpoint is {tx and tx.tag!r}")
+        if tx is None or tx.tag != tag:
+            if tx is None and tag == self._committed:
+                return True  # already committed (cleanup() after DeepSpeed's own deferred commit)
+            open_tag = tx.tag if tx is not None else None
+            raise CommitError(f"commit({tag!r}) without a matching create() and save(); the open checkpoint is {open_tag!r}")
         try:
-            tx.commit(metadata=dict(self.options.metadata), save_latest=info.save_latest)
+            tx.commit(metadata=dict(self.options.metadata), save_latest=save_latest)
+            self._committed = tag
         finally:
             self._tx = None
-        log_dist(f"[{ENGINE_NAME}] checkpoint {info.tag} committed", ranks=[0])
+        log_dist(f"[{ENGINE_NAME}] checkpoint {tag} committed", ranks=[0])
         return True
 
     # -- async (decoupled) protocol --------------------------------------------------------

@@ -147,20 +147,24 @@ def load(
     if trusted:
         return _torch_load(path, location, weights_only=False, mmap=use_mmap)
     entries: list[Any] = []
-    if use_mmap or _is_zip(path):
+    if _is_zip(path):  # the zip format lets us list every global up front, without unpickling
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         entries, missing = _allowed_globals(needed, allow)
         if missing:
             raise _unsafe_error(path, missing)
-    try:
-        with torch.serialization.safe_globals(entries):
-            return _torch_load(path, location, weights_only=True, mmap=use_mmap)
-    except Exception as e:  # the weights-only unpickler reports a disallowed global this way
-        text = str(e)
-        if "Unsupported global" in text or "Weights only load failed" in text:
-            missing = _globals_from_message(text)
-            raise _unsafe_error(path, missing or ["<unknown>"]) from e
-        raise
+    while True:  # the legacy format reveals its globals one refusal at a time
+        try:
+            with torch.serialization.safe_globals(entries):
+                return _torch_load(path, location, weights_only=True, mmap=use_mmap)
+        except Exception as e:
+            text = str(e)
+            if "Unsupported global" not in text and "Weights only load failed" not in text:
+                raise
+            needed = _globals_from_message(text)
+            more, missing = _allowed_globals(needed, allow)
+            if missing or not needed or any(m in entries for m in more):
+                raise _unsafe_error(path, missing or needed or ["<unknown>"]) from e
+            entries += more
 
 
 def _torch_load(path: Path, location: MapLocation, *, weights_only: bool, mmap: bool) -> Any:
