@@ -65,3 +65,18 @@ class CheckpointInUseError(TorchckptError, RuntimeError):
 
 class DistributedTimeoutError(TorchckptError, TimeoutError):
     """A rank did not arrive at a collective step of the commit in time."""
+
+
+class NotCheckpointableError(TorchckptError, TypeError):
+    """An object cannot be saved: it is not a module, tensor, plain value or ``Stateful``."""
+
+
+class ObjectNotFoundError(TorchckptError, KeyError):
+    """A name is neither in the notebook namespace nor among a checkpoint's saved objects."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RestoreError(TorchckptError, ValueError):
+    """Saved state does not fit the live objects; nothing was changed."""

@@ -1,0 +1,944 @@
+"""The notebook API: save and restore the live objects of a namespace, by tag.
+
+:class:`Checkpointer` is what ``%ckpt`` and the panel call; anything either can do, this class
+can do. One tag holds one file per saved object (``objects/<name>.pt``) and ``rng.pt``; the
+manifest's metadata records each object's kind, the step, metrics and a note::
+
+    ROOT/TAG/objects/model.pt      model.state_dict()
+    ROOT/TAG/objects/opt.pt        opt.state_dict()
+    ROOT/TAG/objects/step.pt       a plain value
+    ROOT/TAG/rng.pt                Python, NumPy, torch CPU and CUDA generator states
+    ROOT/TAG/mp_rank_00_*.pt       a DeepSpeed engine's own files (engine.save_checkpoint)
+    ROOT/TAG/torchckpt-manifest.json
+        metadata: {"format": "torchckpt-notebook/1", "step": 100, "metrics": {...}, "note": ...,
+                   "objects": {"model": {"kind": "module", "file": "objects/model.pt",
+                                         "type": "torch.nn.modules.linear.Linear"}, ...},
+                   "rng": "rng.pt"}
+
+Loading reads only the files of the objects asked for, each verified against the manifest and
+loaded weights-only; then every object is checked against its saved state before any is
+changed (see :mod:`torchckpt.state`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _render, state
+from .errors import (
+    CheckpointInUseError,
+    IncompleteCheckpointError,
+    NotCheckpointableError,
+    ObjectNotFoundError,
+    RestoreError,
+    TorchckptError,
+)
+from .manifest import check_metadata, validate_tag
+from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyReport
+
+if TYPE_CHECKING:
+    from .async_writer import AsyncWriter
+    from .diff import CheckpointDiff
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "torchckpt-notebook/1"
+OBJECTS_DIR = "objects"
+RNG_FILE = "rng.pt"
+#: Saves and loads of at least this many bytes show a progress bar when ``progress=None``.
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+# -- results ------------------------------------------------------------------------------------
+class _Result:
+    """Shown as a table in notebooks (``_repr_html_``) and as text elsewhere; ``quiet`` results
+    show only their one-line repr."""
+
+    quiet: bool
+
+    def _repr_html_(self) -> str | None:
+        return None if self.quiet else self.to_html()
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:
+        p.text(repr(self) if self.quiet or cycle else self.to_text())
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_html(self) -> str:
+        raise NotImplementedError
+
+    def to_text(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class SavedObject:
+    """One object of a save: its name, kind, class, file and size (None while being written)."""
+
+    name: str
+    kind: str
+    type: str
+    file: str | None
+    size: int | None = None
+
+
+@dataclass
+class SaveResult(_Result):
+    """The outcome of :meth:`Checkpointer.save` or :meth:`Checkpointer.commit`.
+
+    ``status`` is ``committed``; ``committing`` (async, commit follows the writes);
+    ``writing`` (async, not to be committed); ``uncommitted`` (written, not committed);
+    or ``failed`` (``error`` says why).
+    """
+
+    tag: str
+    root: Path
+    objects: list[SavedObject]
+    status: str
+    async_save: bool = False
+    seconds: float = 0.0
+    step: int | None = None
+    note: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    replaced: bool = False
+    error: BaseException | None = None
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def committed(self) -> bool:
+        return self.status == "committed"
+
+    @property
+    def size(self) -> int | None:
+        sizes = [o.size for o in self.objects]
+        return None if any(s is None for s in sizes) else sum(s or 0 for s in sizes)
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objects]
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.names)
+        return f"<SaveResult {self.tag!r} {self.status}: {names}>"
+
+    def _headline(self) -> str:
+        what = {
+            "committed": "committed",
+            "committing": "saving in the background; commits when written",
+            "writing": "saving in the background; not committed (commit it with %ckpt commit)",
+            "uncommitted": "saved, not committed (commit it with %ckpt commit)",
+            "failed": f"FAILED: {self.error}",
+        }[self.status]
+        extra = [f"step {self.step}"] if self.step is not None else []
+        if self.size is not None:
+            extra.append(_render.size(self.size))
+        if self.seconds:
+            extra.append(_render.duration(self.seconds))
+        if self.replaced:
+            extra.append("replaced the previous checkpoint of that tag")
+        return f"{self.tag}: {what}" + (f" ({', '.join(extra)})" if extra else "")
+
+    def _rows(self) -> list[list[str]]:
+        return [[o.name, o.kind, o.type.rsplit(".", 1)[-1], _render.size(o.size) if o.size is not None else "…"]
+                for o in self.objects]
+
+    def to_html(self) -> str:
+        return _render.html_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
+
+    def to_text(self) -> str:
+        return _render.text_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
+
+
+@dataclass
+class LoadedObject:
+    """One restored object: ``action`` is ``restored`` (in place), ``assigned`` (the name was
+    bound to the saved value) or ``into`` (bound to ``target``)."""
+
+    name: str
+    kind: str
+    action: str
+    target: str
+
+
+@dataclass
+class LoadResult(_Result):
+    """The outcome of :meth:`Checkpointer.load`."""
+
+    tag: str
+    root: Path
+    objects: list[LoadedObject]
+    rng: bool
+    seconds: float
+    size: int
+    notes: list[str] = field(default_factory=list)
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objects]
+
+    def __repr__(self) -> str:
+        return f"<LoadResult {self.tag!r}: {', '.join(self.names)}{' + rng' if self.rng else ''}>"
+
+    def _headline(self) -> str:
+        rng = ", RNG restored" if self.rng else ""
+        return f"{self.tag}: loaded ({_render.size(self.size)}, {_render.duration(self.seconds)}{rng})"
+
+    def _rows(self) -> list[list[str]]:
+        how = {"restored": "restored in place", "assigned": "assigned", "into": "loaded into"}
+        return [[o.name, o.kind, how[o.action] + (f" {o.target}" if o.action == "into" else "")]
+                for o in self.objects]
+
+    def to_html(self) -> str:
+        return _render.html_table(["object", "kind", "action"], self._rows(), title=self._headline()) + (
+            _render.html_lines([f"note: {n}" for n in self.notes]))
+
+    def to_text(self) -> str:
+        text = _render.text_table(["object", "kind", "action"], self._rows(), title=self._headline())
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
+
+
+def _objects_of(info: CheckpointInfo) -> dict[str, dict[str, Any]]:
+    objs = info.metadata.get("objects")
+    return objs if isinstance(objs, dict) else {}
+
+
+@dataclass
+class TagList(_Result):
+    """Every tag under the root (:meth:`Checkpointer.list`), oldest first."""
+
+    root: Path
+    infos: list[CheckpointInfo]
+    pending: list[str] = field(default_factory=list)
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def tags(self) -> list[str]:
+        return [i.tag for i in self.infos]
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __repr__(self) -> str:
+        return f"<TagList {len(self.infos)} tags in {str(self.root)!r}>"
+
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for i in self.infos:
+            md = i.metadata
+            status = "pending" if i.tag in self.pending else i.status
+            metrics = md.get("metrics") or {}
+            rows.append([
+                i.tag + (" (latest)" if i.is_latest else ""), status, "" if md.get("step") is None else md["step"],
+                _render.when(i.created), _render.size(i.size), ", ".join(_objects_of(i)),
+                ", ".join(f"{k}={_fmt_metric(v)}" for k, v in metrics.items()) if isinstance(metrics, dict) else "",
+                _render.short(md.get("note") or "", 40),
+            ])
+        return rows
+
+    _HEADERS = ("tag", "status", "step", "created", "size", "objects", "metrics", "note")
+
+    def to_html(self) -> str:
+        if not self.infos:
+            return _render.html_lines([f"no checkpoints in {self.root}"])
+        return _render.html_table(self._HEADERS, self._rows(), title=str(self.root))
+
+    def to_text(self) -> str:
+        if not self.infos:
+            return f"no checkpoints in {self.root}"
+        return _render.text_table(self._HEADERS, self._rows(), title=str(self.root))
+
+
+def _fmt_metric(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class TagDetails(_Result):
+    """One tag in detail (:meth:`Checkpointer.info`): status, metadata, objects and files."""
+
+    info: CheckpointInfo
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"<TagDetails {self.info.tag!r} {self.info.status}>"
+
+    def _summary(self) -> list[str]:
+        i, md = self.info, self.info.metadata
+        lines = [f"{i.tag}: {i.status}{' (latest)' if i.is_latest else ''}, {_render.size(i.size)}, "
+                 f"created {_render.when(i.created)}"]
+        if i.problem:
+            lines.append(f"problem: {i.problem}")
+        for key in ("step", "note"):
+            if md.get(key) is not None:
+                lines.append(f"{key}: {md[key]}")
+        if md.get("metrics"):
+            lines.append("metrics: " + ", ".join(f"{k}={_fmt_metric(v)}" for k, v in md["metrics"].items()))
+        if i.manifest is not None and i.manifest.versions:
+            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(i.manifest.versions.items())))
+        return lines
+
+    def _rows(self) -> list[list[str]]:
+        owners = {o.get("file"): name for name, o in _objects_of(self.info).items() if isinstance(o, dict)}
+        kinds = {o.get("file"): o.get("kind", "") for o in _objects_of(self.info).values() if isinstance(o, dict)}
+        if self.info.manifest is None:
+            return []
+        return [[rec.path, owners.get(rec.path, "rng" if rec.path == RNG_FILE else ""),
+                 kinds.get(rec.path, ""), _render.size(rec.size), rec.checksum.split(":")[-1][:12]]
+                for rec in self.info.manifest.files.values()]
+
+    _HEADERS = ("file", "object", "kind", "size", "checksum")
+
+    def to_html(self) -> str:
+        return _render.html_lines(self._summary()) + _render.html_table(self._HEADERS, self._rows())
+
+    def to_text(self) -> str:
+        return "\n".join(self._summary() + [_render.text_table(self._HEADERS, self._rows())])
+
+
+@dataclass
+class VerifyResult(_Result):
+    """The outcome of :meth:`Checkpointer.verify`: every problem, by file."""
+
+    report: VerifyReport
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return f"<VerifyResult {self.report.tag!r} {'OK' if self.ok else 'FAILED'}>"
+
+    def _lines(self) -> list[str]:
+        r = self.report
+        if r.ok:
+            return [f"{r.tag}: OK, {r.files_checked} files match the manifest"]
+        return [f"{r.tag}: FAILED, {len(r.problems)} problem(s)"] + [f"  {p}" for p in r.problems]
+
+    def to_html(self) -> str:
+        return _render.html_lines(self._lines())
+
+    def to_text(self) -> str:
+        return "\n".join(self._lines())
+
+
+@dataclass
+class RemoveResult(_Result):
+    """What :meth:`Checkpointer.remove` or :meth:`Checkpointer.gc` removed (or would remove)."""
+
+    removed: list[str]
+    kept: list[str] = field(default_factory=list)
+    leftovers: int = 0
+    dry_run: bool = False
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return f"<RemoveResult {verb} {len(self.removed)}: {', '.join(self.removed)}>"
+
+    def _lines(self) -> list[str]:
+        verb = "would remove" if self.dry_run else "removed"
+        lines = [f"{verb}: {', '.join(self.removed) if self.removed else 'nothing'}"]
+        if self.leftovers:
+            lines.append(f"{verb} {self.leftovers} leftover temporary file(s)")
+        if self.kept:
+            lines.append(f"kept: {', '.join(self.kept)}")
+        return lines
+
+    def to_html(self) -> str:
+        return _render.html_lines(self._lines())
+
+    def to_text(self) -> str:
+        return "\n".join(self._lines())
+
+
+# -- progress -----------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm.auto bar (or a callback) over bytes; silent for small work."""
+
+    def __init__(self, progress: Any, total: int, desc: str, min_bytes: int):
+        self.total, self.done = total, 0
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        if self.callback is None and (progress is True or (progress is None and total >= min_bytes)):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- the checkpointer ---------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    tx: Transaction
+    metadata: dict[str, Any]
+    result: SaveResult
+    started: float
+    future: Future | None = None  # the background commit of an async save
+
+
+class Checkpointer:
+    """Saves and restores the live objects of a notebook under one checkpoint root.
+
+    Args:
+        root: the checkpoint root (created on first save).
+        progress_min_bytes: with ``progress=None``, saves and loads at least this large show
+            a progress bar.
+
+    Example:
+        >>> ckpt = Checkpointer("checkpoints")
+        >>> ckpt.save("warmup", {"model": model, "opt": opt}, metrics={"loss": 0.31})
+        >>> ckpt.load("warmup", globals())              # restores model, opt and the RNGs in place
+        >>> ckpt.diff("warmup", "latest")
+    """
+
+    def __init__(self, root: str | os.PathLike, *, progress_min_bytes: int = PROGRESS_MIN_BYTES):
+        self.store = CheckpointStore(root)
+        self.progress_min_bytes = progress_min_bytes
+        self._pending: dict[str, _Pending] = {}
+        self._finished: list[SaveResult] = []
+        self._failed: dict[str, SaveResult] = {}
+        self._lock = threading.RLock()
+        self._writer: AsyncWriter | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({str(self.root)!r})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed; create a new Checkpointer")
+
+    # -- discovery ---------------------------------------------------------------------------
+    def checkpointable(self, namespace: Mapping[str, Any]) -> dict[str, Any]:
+        """The objects a save with no names includes: see :func:`torchckpt.state.checkpointable`."""
+        return state.checkpointable(namespace)
+
+    def kinds(self, objects: Mapping[str, Any]) -> dict[str, str]:
+        """name -> kind for each object; raises NotCheckpointableError for the first that is not."""
+        return {name: state.require_kind(name, obj) for name, obj in objects.items()}
+
+    def default_tag(self, step: int | None = None) -> str:
+        """``step-<step>`` when the step is known, else ``ckpt-<YYYYmmdd-HHMMSS>`` (local time);
+        ``-2``, ``-3``… is appended if that tag exists."""
+        base = f"step-{step}" if step is not None else time.strftime("ckpt-%Y%m%d-%H%M%S")
+        tag, n = base, 1
+        while (self.root / tag).exists() or tag in self._pending:
+            n += 1
+            tag = f"{base}-{n}"
+        return tag
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(
+        self,
+        tag: str | None,
+        objects: Mapping[str, Any],
+        *,
+        async_save: bool = False,
+        commit: bool = True,
+        note: str | None = None,
+        metrics: dict | None = None,
+        step: int | None = None,
+        progress: bool | Callable[[int, int], None] | None = None,
+    ) -> SaveResult:
+        """Save ``objects`` (name -> live object) as ``tag``, with the RNG states.
+
+        Args:
+            tag: the tag; None picks :meth:`default_tag`. Re-saving a tag replaces it.
+            objects: modules, optimizers, schedulers, GradScalers, any ``Stateful``, tensors,
+                NumPy arrays, torch Generators, plain values, DeepSpeed engines.
+            async_save: copy tensors to host buffers now, write them in the background.
+            commit: commit when written (async: in the background). With False the tag stays
+                uncommitted until :meth:`commit`.
+            note, metrics, step: recorded in the manifest's metadata.
+            progress: True/False for a progress bar, None for one when the save is large, or a
+                callable ``(done_bytes, total_bytes)``.
+
+        Returns:
+            A :class:`SaveResult`; for async saves its status is ``committing`` or ``writing``
+            (:meth:`poll` reports the outcome, :meth:`commit` waits for it).
+
+        Raises:
+            NotCheckpointableError: an object cannot be saved (nothing was written).
+            InvalidTagError, ManifestError: a bad tag or metadata (nothing was written).
+            CheckpointInUseError: another process is writing that tag.
+            WriteError, CommitError: the disk failed; no file of the tag is visible.
+        """
+        self._check_open()
+        if not objects:
+            raise NotCheckpointableError("nothing to save: no objects were given (and none found)")
+        kinds = self.kinds(objects)
+        step = int(step) if step is not None else None
+        metrics = dict(metrics or {})
+        if tag is None:
+            tag = self.default_tag(step)
+        validate_tag(tag)
+        files = _file_names(n for n, k in kinds.items() if k != "deepspeed")
+        metadata = check_metadata({
+            "format": FORMAT, "step": step, "metrics": metrics, "note": note, "rng": RNG_FILE,
+            "objects": {name: {"kind": kind, "type": state.type_name(objects[name]), "file": files.get(name)}
+                        for name, kind in kinds.items()},
+        })
+        replaced = self._clear_tag(tag)
+        started = time.perf_counter()
+        writer = self._async_writer() if async_save else None
+        payloads = {name: state.capture(objects[name], kind) for name, kind in kinds.items() if kind != "deepspeed"}
+        total = sum(state.payload_bytes(p) for p in payloads.values())
+        bar = _Progress(progress, total, f"save {tag}", self.progress_min_bytes)
+        tx = None
+        try:
+            for name, kind in kinds.items():
+                if kind == "deepspeed":
+                    _save_engine(objects[name], self.root, tag)
+            tx = self.store.transaction(tag, writer=writer)
+            for name, payload in payloads.items():
+                try:
+                    tx.write(files[name], payload)
+                except TorchckptError:
+                    raise
+                except Exception as e:
+                    raise NotCheckpointableError(
+                        f"could not save {name!r} ({state.type_name(objects[name])}): {e}; its state_dict() must "
+                        "hold only tensors, plain Python values and containers of them"
+                    ) from e
+                bar.advance(state.payload_bytes(payload))
+            tx.write(RNG_FILE, state.capture_rng())
+        except BaseException:
+            bar.close()
+            if tx is not None:
+                tx.abort()
+            self._discard(tag)
+            raise
+        bar.close()
+        saved = [SavedObject(n, k, state.type_name(objects[n]), files.get(n)) for n, k in kinds.items()]
+        result = SaveResult(tag, self.root, saved, "uncommitted", async_save=async_save, step=step, note=note,
+                            metrics=metrics, replaced=replaced)
+        pending = _Pending(tx, metadata, result, started)
+        if commit and not async_save:
+            return self._commit_now(pending)
+        if async_save:
+            result.status = "committing" if commit else "writing"
+        else:
+            self._fill_sizes(result, None)
+        result.seconds = time.perf_counter() - started
+        with self._lock:
+            self._pending[tag] = pending
+            if commit:
+                pending.future = self._background().submit(self._commit_quietly, pending)
+        return replace(result)
+
+    def _clear_tag(self, tag: str) -> bool:
+        """Make room for a new save of ``tag``; True if a previous one was replaced."""
+        with self._lock:
+            old = self._pending.pop(tag, None)
+            self._failed.pop(tag, None)
+        if old is not None:
+            if old.future is not None:
+                with contextlib.suppress(Exception):
+                    old.future.result()  # its outcome is superseded by this save
+            else:
+                old.tx.abort()
+        if (self.root / tag).is_dir():
+            self.store.delete(tag, allow_latest=True)
+            return True
+        return False
+
+    def _discard(self, tag: str) -> None:
+        """Remove what a failed save left (it was never committed)."""
+        try:
+            if (self.root / tag).is_dir():
+                self.store.delete(tag, allow_latest=True)
+        except (TorchckptError, OSError) as e:
+            logger.warning("could not remove the failed save %s: %s (gc removes it later)", tag, e)
+
+    def _async_writer(self) -> AsyncWriter:
+        if self._writer is None:
+            from .async_writer import AsyncWriter
+
+            self._writer = AsyncWriter()
+        return self._writer
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-commit")
+        return self._committer
+
+    def _commit_now(self, pending: _Pending) -> SaveResult:
+        tag = pending.result.tag
+        try:
+            manifest = pending.tx.commit(metadata=pending.metadata)
+        except BaseException:
+            self._discard(tag)
+            raise
+        result = replace(pending.result, status="committed", seconds=time.perf_counter() - pending.started)
+        self._fill_sizes(result, manifest)
+        return result
+
+    def _commit_quietly(self, pending: _Pending) -> SaveResult:
+        """The background commit of an async save (errors stay with the future, and are reported)."""
+        return self._commit_now(pending)
+
+    def _fill_sizes(self, result: SaveResult, manifest: Any) -> None:
+        result.objects = [replace(o) for o in result.objects]
+        for obj in result.objects:
+            if obj.file is None:
+                continue
+            if manifest is not None and obj.file in manifest.files:
+                obj.size = manifest.files[obj.file].size
+            else:
+                with contextlib.suppress(OSError):
+                    obj.size = (self.root / result.tag / obj.file).stat().st_size
+
+    def commit(self, tag: str, *, note: str | None = None, metrics: dict | None = None) -> SaveResult:
+        """Commit a tag saved with ``commit=False``, or wait for an async save's commit.
+
+        Args:
+            tag: a tag this Checkpointer saved. A tag that is already committed is left as is.
+            note, metrics: replace the ones given at save time.
+
+        Raises:
+            CommitError, WriteError: the save (or its background writes) failed; the tag is
+                not committed, the previous checkpoints are intact.
+            IncompleteCheckpointError: the tag is incomplete and was not saved by this
+                Checkpointer (a kernel that died?); save it again.
+            TagNotFoundError: no such tag (the message names the nearest ones).
+        """
+        self._check_open()
+        with self._lock:
+            failed = self._failed.pop(tag, None)
+            pending = self._pending.get(tag)
+        if failed is not None:
+            assert failed.error is not None
+            raise failed.error
+        if pending is None:
+            info = self.store.info(tag)
+            if info.committed:
+                return self._result_from_info(info, quiet=False)
+            raise IncompleteCheckpointError(
+                f"checkpoint {tag!r} is incomplete and was not saved by this kernel (an interrupted save?); "
+                "save it again, or remove it with rm or gc"
+            )
+        try:
+            if pending.future is not None:
+                result = pending.future.result()
+            else:
+                if note is not None:
+                    pending.metadata["note"] = note
+                if metrics is not None:
+                    pending.metadata["metrics"] = check_metadata({"m": dict(metrics)})["m"]
+                result = self._commit_now(pending)
+        finally:
+            with self._lock:
+                if self._pending.get(tag) is pending:
+                    del self._pending[tag]
+        if note is not None and pending.future is not None:
+            logger.warning("note for %s ignored: its async save was committed with the note given at save time", tag)
+        return result
+
+    def pending(self) -> list[str]:
+        """Tags saved by this Checkpointer and not yet committed (async ones included)."""
+        with self._lock:
+            running = [t for t, p in self._pending.items()
+                       if p.future is None or not p.future.done() or p.future.exception() is not None]
+            return running + [t for t in self._failed if t not in running]
+
+    def poll(self) -> list[SaveResult]:
+        """Async saves that finished since the last poll: committed, or ``failed`` with the error.
+
+        A failed save's error is also raised by :meth:`commit` of its tag.
+        """
+        done = []
+        with self._lock:
+            for tag, p in list(self._pending.items()):
+                if p.future is None or not p.future.done():
+                    continue
+                del self._pending[tag]
+                error = p.future.exception()
+                if error is None:
+                    done.append(p.future.result())
+                else:
+                    failed = replace(p.result, status="failed", error=error)
+                    self._failed[tag] = failed
+                    done.append(failed)
+        return done
+
+    def wait(self) -> list[SaveResult]:
+        """Wait for every async save's background commit; return their outcomes (as :meth:`poll`)."""
+        with self._lock:
+            futures = [p.future for p in self._pending.values() if p.future is not None]
+        for f in futures:
+            f.exception()
+        return self.poll()
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(
+        self,
+        tag: str | None,
+        namespace: MutableMapping[str, Any],
+        names: Iterable[str] | None = None,
+        *,
+        map_location: Any = None,
+        strict: bool = True,
+        into: str | None = None,
+        progress: bool | Callable[[int, int], None] | None = None,
+        rng: bool | None = None,
+        allow: Iterable[Any] = (),
+        trusted: bool = False,
+    ) -> LoadResult:
+        """Restore saved objects into ``namespace``: all checked first, then all applied.
+
+        Args:
+            tag: a tag, ``"latest"`` or None (the newest committed tag).
+            namespace: where the live objects are (a notebook's ``globals()``).
+            names: the objects to restore (default: every saved object).
+            map_location: where tensors are loaded (``"cpu"``, ``"cuda:1"``, ``"auto"``…);
+                objects restored in place keep their own devices.
+            strict: missing/unexpected keys and dtype changes are errors, not warnings.
+            into: restore the single named object into this new variable instead (a module is
+                deep-copied from the live one; anything else is the saved state itself).
+            progress: as for :meth:`save`.
+            rng: restore the RNG states (default: when every object is restored).
+            allow, trusted: for states holding other classes, as :func:`torchckpt.serialization.load`.
+
+        Raises:
+            TagNotFoundError, IncompleteCheckpointError: no such committed tag.
+            ObjectNotFoundError: a name is not in the checkpoint.
+            RestoreError: saved state does not fit the live objects (every problem listed).
+            CorruptCheckpointError, UnsafeCheckpointError, DeviceUnavailableError: from loading.
+            In every case no live object has been changed.
+        """
+        self._check_open()
+        started = time.perf_counter()
+        if tag is not None and tag != "latest":
+            with self._lock:
+                pending = self._pending.get(tag)
+            if pending is not None and pending.future is not None:
+                self.commit(tag)  # an async save of this tag: load it once committed
+        tag = self.store.resolve(tag)
+        info = self.store.info(tag)
+        saved = _objects_of(info)
+        if not saved:
+            raise IncompleteCheckpointError(
+                f"checkpoint {tag!r} was not saved from a notebook (its manifest lists no objects); "
+                "load its files with CheckpointStore.load"
+            )
+        wanted = list(saved) if names is None else list(dict.fromkeys(names))
+        for name in wanted:
+            if name not in saved:
+                close = difflib.get_close_matches(name, list(saved), n=3, cutoff=0.5)
+                hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+                raise ObjectNotFoundError(
+                    f"checkpoint {tag!r} has no object {name!r}; {hint}it has: {', '.join(saved)}"
+                )
+        restore_rng = (names is None and into is None) if rng is None else rng
+        sizes = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
+        files = [saved[n].get("file") for n in wanted if saved[n].get("file")]
+        if restore_rng:
+            files.append(info.metadata.get("rng", RNG_FILE))
+        total = sum(sizes.get(f, 0) for f in files)
+        bar = _Progress(progress, total, f"load {tag}", self.progress_min_bytes)
+        entries: dict[str, tuple[str, Any]] = {}
+        try:
+            for name in wanted:
+                kind, file = saved[name].get("kind"), saved[name].get("file")
+                if kind not in state.KINDS:
+                    raise RestoreError(f"{name}: unknown kind {kind!r} in the manifest of {tag!r}")
+                payload = None
+                if file:
+                    payload = self.store.load(tag, file, map_location=map_location, allow=allow, trusted=trusted)
+                    if kind == "ndarray":
+                        payload = payload.cpu()
+                    bar.advance(sizes.get(file, 0))
+                entries[name] = (kind, payload)
+            rng_state = None
+            if restore_rng:
+                rng_file = info.metadata.get("rng", RNG_FILE)
+                rng_state = self.store.load(tag, rng_file, map_location="cpu")
+                bar.advance(sizes.get(rng_file, 0))
+        finally:
+            bar.close()
+        plan = state.plan_restore(entries, namespace, strict=strict, into=into, rng=rng_state)
+        plan.load_engine = lambda step: _load_engine(step.live, self.root, tag, strict=step.strict)
+        notes = plan.warnings + plan.apply()
+        for note in notes:
+            logger.info("load %s: %s", tag, note)
+        actions = {"restore": "restored", "assign": "assigned", "into": "into"}
+        loaded = [LoadedObject(s.name, s.kind, actions[s.action], s.target or s.name) for s in plan.steps]
+        return LoadResult(tag, self.root, loaded, rng=rng_state is not None,
+                          seconds=time.perf_counter() - started, size=total, notes=notes)
+
+    # -- inspecting and removing -----------------------------------------------------------------
+    def list(self) -> TagList:
+        """Every tag under the root, oldest first (with this Checkpointer's pending ones marked)."""
+        self._check_open()
+        return TagList(self.root, self.store.list(), self.pending())
+
+    def tags(self) -> list[str]:
+        """Every tag under the root, oldest first."""
+        return self.store.tags()
+
+    def info(self, tag: str) -> TagDetails:
+        """One tag's status, metadata, objects and files (``"latest"`` allowed)."""
+        self._check_open()
+        return TagDetails(self.store.info(tag))
+
+    def verify(self, tag: str) -> VerifyResult:
+        """Re-check every file of a tag against its manifest."""
+        self._check_open()
+        return VerifyResult(self.store.verify(tag))
+
+    def diff(self, a: str, b: str, *, map_location: Any = "cpu") -> CheckpointDiff:
+        """What changed from tag ``a`` to tag ``b``: see :func:`torchckpt.diff.diff_tags`."""
+        self._check_open()
+        from .diff import diff_tags
+
+        return diff_tags(self.store, a, b, map_location=map_location)
+
+    def remove(self, tag: str, *, force: bool = False) -> RemoveResult:
+        """Remove a tag. ``latest`` only with ``force``; never a tag being written."""
+        self._check_open()
+        with self._lock:
+            if tag in self._pending:
+                raise CheckpointInUseError(
+                    f"checkpoint {tag!r} was saved by this kernel and is not committed yet; commit it first"
+                )
+        self.store.delete(tag, allow_latest=force)
+        with self._lock:
+            self._failed.pop(tag, None)
+        return RemoveResult([tag])
+
+    def gc(self, *, keep_last: int | None = None, dry_run: bool = False) -> RemoveResult:
+        """Remove incomplete tags and leftovers and, with ``keep_last``, all but the newest N
+        committed tags. Never removes ``latest`` or a tag being written (or pending here)."""
+        self._check_open()
+        plan: GcPlan = self.store.gc(keep_last=keep_last, dry_run=dry_run)
+        return RemoveResult(plan.committed + plan.incomplete, plan.kept, len(plan.leftovers), dry_run)
+
+    def _result_from_info(self, info: CheckpointInfo, *, quiet: bool) -> SaveResult:
+        objs = _objects_of(info)
+        sizes = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
+        saved = [SavedObject(n, str(o.get("kind")), str(o.get("type")), o.get("file"), sizes.get(o.get("file")))
+                 for n, o in objs.items() if isinstance(o, dict)]
+        md = info.metadata
+        return SaveResult(info.tag, self.root, saved, info.status, step=md.get("step"), note=md.get("note"),
+                          metrics=md.get("metrics") or {}, quiet=quiet)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for async saves to commit; leave uncommitted tags incomplete; free the buffers.
+
+        Raises the first error of an async save that was never reported.
+        """
+        if self._closed:
+            return
+        outcomes = self.wait()
+        with self._lock:
+            for p in self._pending.values():
+                p.tx.abort()
+            self._pending.clear()
+        self._closed = True
+        if self._writer is not None:
+            self._writer.shutdown()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+        failed = [r for r in outcomes if r.error is not None]
+        if failed:
+            raise failed[0].error
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _file_names(names: Iterable[str]) -> dict[str, str]:
+    """``objects/<name>.pt``, unique even on case-insensitive file systems."""
+    files, taken = {}, set()
+    for name in names:
+        stem, n = name, 1
+        while stem.lower() in taken:
+            n += 1
+            stem = f"{name}-{n}"
+        taken.add(stem.lower())
+        files[name] = f"{OBJECTS_DIR}/{stem}.pt"
+    return files
+
+
+def parse_metrics(items: Iterable[str]) -> dict[str, Any]:
+    """``["loss=0.12", "acc=91", "opt=adam"]`` -> ``{"loss": 0.12, "acc": 91, "opt": "adam"}``."""
+    metrics: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"metric {item!r} is not key=value, e.g. loss=0.12")
+        parsed: Any = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if isinstance(parsed, float) and parsed != parsed or parsed in (float("inf"), float("-inf")):
+            raise ValueError(f"metric {item!r} is not a finite number")
+        metrics[key.strip()] = parsed
+    return metrics
+
+
+# -- DeepSpeed engines --------------------------------------------------------------------------
+def _ensure_engine(ds_engine: Any) -> None:
+    from .engine import TorchCheckpointEngine, install
+
+    if not isinstance(getattr(ds_engine, "checkpoint_engine", None), TorchCheckpointEngine):
+        install(ds_engine)
+
+
+def _save_engine(ds_engine: Any, root: Path, tag: str) -> None:
+    """The engine writes its own files into ``root/tag`` through torchckpt's engine; the
+    notebook transaction then takes them into its manifest."""
+    _ensure_engine(ds_engine)
+    ds_engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    ce = ds_engine.checkpoint_engine
+    info = ce.get_commit_info() if ce.is_decoupled() else None
+    if info is not None:  # an async engine: its files must be complete before our commit
+        ce.commit(info)
+
+
+def _load_engine(ds_engine: Any, root: Path, tag: str, *, strict: bool) -> None:
+    _ensure_engine(ds_engine)
+    path, _ = ds_engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict)
+    if path is None:
+        raise RestoreError(f"DeepSpeed could not load checkpoint {tag!r} from {root}")

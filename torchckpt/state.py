@@ -1,0 +1,572 @@
+"""Live objects and their saved state: what can be checkpointed, capture, check, restore, RNG.
+
+A notebook holds objects of a handful of kinds. Each kind says how its state is captured
+(``state_dict()``, the tensor itself, the value) and how it is put back. Restoring is two
+phases so that it is all-or-nothing: :func:`plan_restore` checks every object against its saved
+state (missing/unexpected keys, shapes, dtypes, kinds) and raises :class:`RestoreError` listing
+every problem before anything changes; :meth:`RestorePlan.apply` then changes the live objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import warnings
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .errors import NotCheckpointableError, RestoreError
+
+logger = logging.getLogger(__name__)
+
+#: Kinds of checkpointable objects, in the order they are restored (see :meth:`RestorePlan.apply`).
+KINDS = ("stateful", "scheduler", "grad_scaler", "deepspeed", "optimizer", "module", "generator",
+         "tensor", "ndarray", "value")
+#: Kinds whose saved state is loaded into the live object (which must exist).
+IN_PLACE_KINDS = frozenset({"module", "optimizer", "scheduler", "grad_scaler", "stateful", "deepspeed"})
+
+#: Names IPython (and common notebook set-ups) put in the namespace; never auto-saved.
+_SKIP_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
+#: Auto-discovery ignores plain containers larger than this (a loaded data set is not state).
+MAX_AUTO_VALUE_ITEMS = 10_000
+#: Variables that hold the training step, looked up (in order) by :func:`infer_step`.
+STEP_NAMES = ("global_step", "step")
+
+_NORMALISE_PREFIXES = ("module.", "_orig_mod.")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict()``: modules, optimizers, schedulers,
+    ``GradScaler``, and your own classes."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+# -- kinds ---------------------------------------------------------------------------------------
+def is_deepspeed_engine(obj: Any) -> bool:
+    """A DeepSpeed engine, recognised without importing deepspeed."""
+    return (
+        not isinstance(obj, type)
+        and type(obj).__module__.startswith("deepspeed")
+        and callable(getattr(obj, "save_checkpoint", None))
+        and callable(getattr(obj, "load_checkpoint", None))
+        and hasattr(obj, "checkpoint_engine")
+    )
+
+
+def _is_plain(value: Any, budget: list[int]) -> bool:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    # Exact types: a subclass (numpy.float64, an IntEnum) would pickle a global safe loading refuses.
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):
+        return True
+    if type(value) in (list, tuple, set, frozenset):
+        return all(_is_plain(v, budget) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, (str, int)) and _is_plain(v, budget) for k, v in value.items())
+    return False
+
+
+def kind_of(obj: Any, *, max_items: int | None = None) -> str | None:
+    """The kind of a checkpointable object (one of :data:`KINDS`), or None.
+
+    Args:
+        obj: any object.
+        max_items: plain lists/dicts with more elements than this are not checkpointable
+            (None: no limit).
+    """
+    if isinstance(obj, type) or callable(obj) and not isinstance(obj, (torch.nn.Module, Stateful)):
+        return None
+    if is_deepspeed_engine(obj):
+        return "deepspeed"
+    if isinstance(obj, torch.nn.Module):
+        return "module"
+    if isinstance(obj, torch.optim.Optimizer):
+        return "optimizer"
+    if isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        return "scheduler"
+    if isinstance(obj, torch.amp.GradScaler):
+        return "grad_scaler"
+    if isinstance(obj, torch.Generator):
+        return "generator"
+    if isinstance(obj, torch.Tensor):
+        return "tensor"
+    if isinstance(obj, np.ndarray):
+        return "ndarray" if obj.dtype.kind in "biufc" and obj.dtype.byteorder in "=|<" else None
+    if isinstance(obj, Stateful):
+        return "stateful"
+    budget = [max_items + 1 if max_items is not None else 1 << 62]
+    if _is_plain(obj, budget):
+        return "value"
+    return None
+
+
+def checkpointable(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """Every object in ``namespace`` that a save with no names would include, by name.
+
+    Skipped: names starting with ``_``, IPython's own names, modules, functions and classes,
+    plain containers of more than :data:`MAX_AUTO_VALUE_ITEMS` items, a second name for an
+    object already found, and the parts of a DeepSpeed engine (its module, optimizer and
+    scheduler are saved by the engine itself).
+    """
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    for name, obj in namespace.items():
+        if name.startswith("_") or name in _SKIP_NAMES or not name.isidentifier() or id(obj) in seen:
+            continue
+        if kind_of(obj, max_items=MAX_AUTO_VALUE_ITEMS) is None:
+            continue
+        seen.add(id(obj))
+        found[name] = obj
+    owned: set[int] = set()
+    for obj in found.values():
+        if is_deepspeed_engine(obj):
+            for part in ("module", "optimizer", "basic_optimizer", "lr_scheduler", "client_model"):
+                inner = getattr(obj, part, None)
+                if inner is not None:
+                    owned.add(id(inner))
+                    owned.add(id(getattr(inner, "optimizer", None)))
+    return {name: obj for name, obj in found.items() if id(obj) not in owned}
+
+
+def require_kind(name: str, obj: Any) -> str:
+    """The kind of ``obj``; raises :class:`NotCheckpointableError` naming ``name`` and the fix."""
+    kind = kind_of(obj)
+    if kind is None:
+        raise NotCheckpointableError(
+            f"{name!r} is a {type(obj).__module__}.{type(obj).__qualname__}, which torchckpt cannot save: "
+            "give it state_dict() and load_state_dict() methods (the Stateful protocol), "
+            "or save the tensors or plain values it holds"
+        )
+    return kind
+
+
+def infer_step(namespace: Mapping[str, Any]) -> int | None:
+    """The training step: an int variable named in :data:`STEP_NAMES`, or a DeepSpeed engine's."""
+    for name in STEP_NAMES:
+        value = namespace.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    for obj in namespace.values():
+        if is_deepspeed_engine(obj) and isinstance(getattr(obj, "global_steps", None), int):
+            return obj.global_steps
+    return None
+
+
+def type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+# -- capture -------------------------------------------------------------------------------------
+def capture(obj: Any, kind: str) -> Any:
+    """The state of ``obj`` to save (references to live tensors; the writer copies or writes them)."""
+    if kind in ("module", "optimizer", "scheduler", "grad_scaler", "stateful"):
+        return obj.state_dict()
+    if kind == "tensor":
+        return obj.detach()
+    if kind == "generator":
+        return obj.get_state()
+    if kind == "ndarray":
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if kind == "value":
+        return obj
+    raise ValueError(f"kind {kind!r} is not captured by value (deepspeed engines save themselves)")
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of tensor data in a (nested) state; plain values count as nothing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+# -- RNG -----------------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """Python ``random``, NumPy's global generator, torch's CPU generator and every CUDA device's.
+
+    CUDA states are captured when CUDA is initialised in this process (capturing them
+    otherwise would create a context on every GPU); a process that never touched CUDA has
+    consumed no CUDA randomness.
+    """
+    version, internal, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def check_rng(state: Any) -> list[str]:
+    """Problems that would stop :func:`restore_rng` (empty when it can run)."""
+    try:
+        py, npy = state["python"], state["numpy"]
+        ok = (isinstance(state["torch"], torch.Tensor) and isinstance(py["state"], torch.Tensor)
+              and isinstance(npy["key"], torch.Tensor) and npy["key"].numel() == 624)
+    except (KeyError, TypeError):
+        ok = False
+    return [] if ok else ["the saved RNG state is malformed"]
+
+
+def restore_rng(state: Mapping[str, Any]) -> list[str]:
+    """Put every generator back; returns notes (e.g. CUDA states that had no device here)."""
+    notes = []
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["key"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda:
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            for i, s in enumerate(cuda[:n]):
+                torch.cuda.set_rng_state(s.cpu(), i)
+            if len(cuda) > n:
+                notes.append(f"the checkpoint has CUDA RNG states for {len(cuda)} devices; restored the first {n}")
+        else:
+            notes.append("the checkpoint's CUDA RNG states were not restored: CUDA is not available here")
+    return notes
+
+
+# -- key normalisation ---------------------------------------------------------------------------
+def normalise_key(key: str) -> str:
+    """A state-dict key without wrapper prefixes: leading ``module.`` (DDP, DeepSpeed) and any
+    ``_orig_mod.`` (``torch.compile``), so ``module._orig_mod.fc.weight`` becomes ``fc.weight``."""
+    while key.startswith(_NORMALISE_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key.replace("._orig_mod.", ".")
+
+
+def _remap_keys(saved: Mapping[str, Any], live_keys: Iterable[str]) -> dict[str, Any] | None:
+    """``saved`` with its keys renamed to the live module's when they differ only by wrapper prefixes."""
+    live_by_norm = {normalise_key(k): k for k in live_keys}
+    remapped = {}
+    for key, value in saved.items():
+        target = live_by_norm.get(normalise_key(key))
+        if target is None or target in remapped:
+            return None
+        remapped[target] = value
+    return remapped
+
+
+# -- restore -------------------------------------------------------------------------------------
+@dataclass
+class RestoreStep:
+    """One object to restore: where it goes and how."""
+
+    name: str
+    kind: str
+    saved: Any
+    live: Any = None
+    action: str = "restore"  # "restore" (in place), "assign" (bind the name), "into" (a new name)
+    target: str | None = None  # the namespace name that receives the object
+    strict: bool = True
+
+    @property
+    def order(self) -> int:
+        return KINDS.index(self.kind) if self.kind in KINDS else len(KINDS)
+
+
+@dataclass
+class RestorePlan:
+    """Checked restore steps; :meth:`apply` changes the live objects."""
+
+    steps: list[RestoreStep]
+    namespace: MutableMapping[str, Any]
+    rng: Any = None
+    warnings: list[str] = field(default_factory=list)
+    #: Called for DeepSpeed engines: ``load_engine(step)`` (the engine loads its own files).
+    load_engine: Callable[[RestoreStep], None] | None = None
+
+    def apply(self) -> list[str]:
+        """Restore every object; returns notes. On an unexpected failure the objects restored
+        so far that can be rolled back (everything but modules, optimizers and DeepSpeed
+        engines, which the checks made safe) are put back, and the error is raised."""
+        notes: list[str] = []
+        undo: list[Callable[[], None]] = []
+        try:
+            for step in sorted(self.steps, key=lambda s: s.order):
+                undo_step = self._apply_one(step)
+                if undo_step is not None:
+                    undo.append(undo_step)
+            if self.rng is not None:
+                notes += restore_rng(self.rng)
+        except Exception:
+            for fn in reversed(undo):
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    logger.exception("rolling back a failed restore")
+            raise
+        return notes
+
+    def _apply_one(self, step: RestoreStep) -> Callable[[], None] | None:
+        ns, name = self.namespace, step.target or step.name
+        if step.action == "into":
+            if step.kind == "module" and step.live is not None:
+                new = copy.deepcopy(step.live)
+                new.load_state_dict(step.saved, strict=step.strict)
+            else:
+                new = _materialise(step.kind, step.saved, None)
+            had, old = name in ns, ns.get(name)
+            ns[name] = new
+            return lambda: ns.__setitem__(name, old) if had else ns.pop(name, None)
+        if step.action == "assign":
+            had, old = name in ns, ns.get(name)
+            ns[name] = _materialise(step.kind, step.saved, step.live)
+            return lambda: ns.__setitem__(name, old) if had else ns.pop(name, None)
+        live, saved = step.live, step.saved
+        if step.kind == "deepspeed":
+            assert self.load_engine is not None, "a plan with a DeepSpeed engine needs load_engine"
+            self.load_engine(step)
+            return None
+        if step.kind == "module":
+            live.load_state_dict(saved, strict=step.strict)
+            return None
+        if step.kind == "optimizer":
+            live.load_state_dict(saved)
+            return None
+        if step.kind in ("scheduler", "grad_scaler", "stateful"):
+            backup = copy.deepcopy(live.state_dict())
+            live.load_state_dict(saved)
+            return lambda: live.load_state_dict(backup)
+        if step.kind == "tensor":
+            backup = live.detach().clone()
+            with torch.no_grad():
+                live.copy_(saved)
+            return lambda: _copy_back(live, backup)
+        if step.kind == "ndarray":
+            backup = live.copy()
+            np.copyto(live, saved.numpy())
+            return lambda: np.copyto(live, backup)
+        if step.kind == "generator":
+            backup = live.get_state()
+            live.set_state(saved)
+            return lambda: live.set_state(backup)
+        raise ValueError(f"cannot restore kind {step.kind!r} in place")
+
+
+def _copy_back(live: torch.Tensor, backup: torch.Tensor) -> None:
+    with torch.no_grad():
+        live.copy_(backup)
+
+
+def _materialise(kind: str, saved: Any, live: Any) -> Any:
+    """The object a name is bound to when it is (re)assigned rather than restored in place."""
+    if kind == "ndarray":
+        return saved.numpy().copy()
+    if kind == "tensor" and isinstance(live, torch.nn.Parameter):
+        return torch.nn.Parameter(saved, requires_grad=live.requires_grad)
+    if kind == "generator":
+        gen = torch.Generator()
+        gen.set_state(saved)
+        return gen
+    return saved
+
+
+def plan_restore(
+    entries: Mapping[str, tuple[str, Any]],
+    namespace: MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    into: str | None = None,
+    rng: Any = None,
+) -> RestorePlan:
+    """Check saved state against the live objects; return a plan, or raise listing every problem.
+
+    Args:
+        entries: name -> (kind, saved state) for each object to restore (DeepSpeed engines:
+            saved state None; the engine checks its own files).
+        namespace: where the live objects are (and where new names are bound).
+        strict: missing/unexpected keys and dtype changes are errors (else warnings; shapes
+            must always match, as ``load_state_dict`` requires).
+        into: bind the single entry to this new name instead of restoring it in place.
+        rng: a saved RNG state to restore last, or None.
+
+    Raises:
+        RestoreError: every problem found, by object; nothing has been changed.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    steps = []
+    if into is not None:
+        if len(entries) != 1:
+            raise RestoreError(f"--into/into= takes exactly one object, got {len(entries)}: {', '.join(entries)}")
+        if not into.isidentifier():
+            raise RestoreError(f"into={into!r} is not a valid Python variable name")
+    for name, (kind, saved) in entries.items():
+        live = namespace.get(name)
+        step = RestoreStep(name, kind, saved, live, strict=strict)
+        if into is not None:
+            step.action, step.target = "into", into
+            if kind == "module" and live is not None and kind_of(live) == "module":
+                problems += _check_module(name, live, step, strict, notes)
+            elif kind in IN_PLACE_KINDS and kind not in ("module",):
+                step.live = None  # the saved state dict itself
+            elif kind == "deepspeed":
+                problems.append(f"{name}: a DeepSpeed engine cannot be loaded into a new variable")
+            steps.append(step)
+            continue
+        if kind in IN_PLACE_KINDS:
+            if name not in namespace:
+                problems.append(
+                    f"{name}: no live object named {name!r} to restore into; create it first "
+                    f"(run the cell that builds it), or load it with into='new_name'"
+                )
+                continue
+            live_kind = kind_of(live)
+            if live_kind != kind and not (kind == "stateful" and isinstance(live, Stateful)):
+                problems.append(f"{name}: saved as a {kind}, but {name!r} is now a {type_name(live)}")
+                continue
+            if kind == "module":
+                problems += _check_module(name, live, step, strict, notes)
+            elif kind == "optimizer":
+                problems += _check_optimizer(name, live, saved)
+            elif kind in ("scheduler", "grad_scaler", "stateful"):
+                problems += _check_keys(name, live, saved, strict, notes)
+        else:
+            live_kind = kind_of(live) if name in namespace else None
+            if live_kind == kind and kind == "tensor":
+                mismatch = _tensor_mismatch(live, saved)
+                if mismatch and strict:
+                    problems.append(f"{name}: {mismatch}; load with strict=False to replace the tensor")
+                elif mismatch:
+                    notes.append(f"{name}: {mismatch}; replaced the tensor")
+                    step.action = "assign"
+            elif live_kind == kind and kind == "ndarray":
+                if live.shape != tuple(saved.shape) or live.dtype != saved.numpy().dtype or not live.flags.writeable:
+                    step.action = "assign"
+            elif live_kind == kind and kind == "generator":
+                if live.get_state().shape != saved.shape:
+                    step.action = "assign"
+            else:
+                step.action = "assign"
+        steps.append(step)
+    if rng is not None:
+        problems += check_rng(rng)
+    if problems:
+        raise RestoreError("nothing was restored: " + "; ".join(problems))
+    return RestorePlan(steps, namespace, rng=rng, warnings=notes)
+
+
+def _tensor_mismatch(live: torch.Tensor, saved: torch.Tensor) -> str | None:
+    if not isinstance(saved, torch.Tensor):
+        return f"saved value is a {type(saved).__name__}, not a tensor"
+    if live.shape != saved.shape:
+        return f"shape {tuple(saved.shape)} saved, {tuple(live.shape)} live"
+    if live.dtype != saved.dtype:
+        return f"dtype {saved.dtype} saved, {live.dtype} live"
+    return None
+
+
+def _check_module(name: str, live: torch.nn.Module, step: RestoreStep, strict: bool, notes: list[str]) -> list[str]:
+    saved = step.saved
+    if not isinstance(saved, Mapping):
+        return [f"{name}: the saved state is a {type(saved).__name__}, not a state_dict"]
+    live_sd = live.state_dict(keep_vars=True)
+    if set(saved) != set(live_sd):
+        remapped = _remap_keys(saved, live_sd)
+        if remapped is not None and set(remapped) == set(live_sd):
+            notes.append(f"{name}: keys renamed to match the live module (module./_orig_mod. prefixes)")
+            saved = step.saved = remapped
+    problems, soft = [], []
+    missing = [k for k in live_sd if k not in saved]
+    unexpected = [k for k in saved if k not in live_sd]
+    if missing:
+        soft.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        soft.append(f"unexpected keys {_few(unexpected)}")
+    for key, value in saved.items():
+        target = live_sd.get(key)
+        if not isinstance(value, torch.Tensor) or not isinstance(target, torch.Tensor):
+            continue
+        if value.shape != target.shape:
+            problems.append(f"{name}.{key}: shape {tuple(value.shape)} saved, {tuple(target.shape)} live")
+        elif value.dtype != target.dtype:
+            soft.append(f"{key}: dtype {value.dtype} saved, {target.dtype} live")
+    if strict and soft:
+        problems += [f"{name}: {s}" for s in soft]
+        problems[-1] += " (load with strict=False to skip missing/unexpected keys and cast dtypes)"
+    else:
+        notes += [f"{name}: {s}" for s in soft]
+    return problems
+
+
+def _check_optimizer(name: str, live: torch.optim.Optimizer, saved: Any) -> list[str]:
+    if not isinstance(saved, Mapping) or "param_groups" not in saved or "state" not in saved:
+        return [f"{name}: the saved state is not an optimizer state_dict"]
+    groups, live_groups = saved["param_groups"], live.param_groups
+    if len(groups) != len(live_groups):
+        return [f"{name}: {len(groups)} parameter groups saved, {len(live_groups)} live"]
+    problems = []
+    params: dict[Any, torch.Tensor] = {}
+    for i, (g, lg) in enumerate(zip(groups, live_groups)):
+        if len(g["params"]) != len(lg["params"]):
+            problems.append(f"{name}: group {i} has {len(g['params'])} parameters saved, {len(lg['params'])} live")
+            continue
+        params.update(zip(g["params"], lg["params"]))
+    shaped = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+              "sum", "ax", "prev", "exp_inf", "grad_avg")
+    for pid, pstate in saved["state"].items():
+        param = params.get(pid)
+        if param is None or not isinstance(pstate, Mapping):
+            continue
+        live_state = live.state.get(param, {})
+        for key, value in pstate.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            ref = live_state.get(key)
+            want = ref.shape if isinstance(ref, torch.Tensor) else (param.shape if key in shaped else None)
+            if want is not None and value.shape != want:
+                problems.append(f"{name}: state {key!r} of parameter {pid} has shape {tuple(value.shape)}, "
+                                f"the live parameter needs {tuple(want)}")
+    return problems
+
+
+def _check_keys(name: str, live: Any, saved: Any, strict: bool, notes: list[str]) -> list[str]:
+    if not isinstance(saved, Mapping):
+        return [f"{name}: the saved state is a {type(saved).__name__}, not a state_dict"]
+    try:
+        current = live.state_dict()
+    except Exception as e:  # noqa: BLE001 - a user object's state_dict may fail; report which
+        return [f"{name}: state_dict() of the live object failed: {e!r}"]
+    if not isinstance(current, Mapping) or set(current) == set(saved):
+        return []
+    missing = sorted(set(current) - set(saved), key=str)
+    unexpected = sorted(set(saved) - set(current), key=str)
+    what = ", ".join(filter(None, [missing and f"missing keys {_few(missing)}",
+                                   unexpected and f"unexpected keys {_few(unexpected)}"]))
+    if strict:
+        return [f"{name}: {what} (load with strict=False to load it anyway)"]
+    notes.append(f"{name}: {what}")
+    return []
+
+
+def _few(keys: list, n: int = 4) -> str:
+    shown = ", ".join(map(str, keys[:n]))
+    return f"{shown} (+{len(keys) - n} more)" if len(keys) > n else shown
+
+
+def warn_notes(notes: Iterable[str]) -> None:
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
