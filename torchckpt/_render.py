@@ -1,32 +1,48 @@
-"""Small tables for results shown in notebooks (HTML) and terminals (plain text)."""
+"""Result objects shown in notebooks (HTML tables) and terminals (plain text).
+
+Sizes and times are formatted by :mod:`torchckpt._format`, shared with the CLI and the panel.
+"""
 
 from __future__ import annotations
 
 import html
-import time
 from collections.abc import Sequence
 from typing import Any
+
+from . import _format
+
+
+class Result:
+    """Shown as a table in notebooks (``_repr_html_``) and as text elsewhere; ``quiet`` results
+    show only their one-line repr."""
+
+    quiet: bool
+
+    def _repr_html_(self) -> str | None:
+        return None if self.quiet else self.to_html()
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:
+        p.text(repr(self) if self.quiet or cycle else self.to_text())
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_html(self) -> str:
+        raise NotImplementedError
+
+    def to_text(self) -> str:
+        raise NotImplementedError
 
 _STYLE = "border-collapse:collapse;font-size:90%"
 _CELL = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd"
 
 
 def size(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "?"
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "?" if nbytes is None else _format.human_size(nbytes)
 
 
 def when(timestamp: float | None) -> str:
-    """Local time, to the second (ISO order, so it sorts and sanitises predictably)."""
-    if not timestamp:
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return _format.format_time(timestamp) if timestamp else ""
 
 
 def duration(seconds: float | None) -> str:

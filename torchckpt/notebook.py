@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _render, state
+from . import _format, _render, state
 from .errors import (
     CheckpointInUseError,
     IncompleteCheckpointError,
@@ -60,26 +60,7 @@ PROGRESS_MIN_BYTES = 256 << 20
 
 
 # -- results ------------------------------------------------------------------------------------
-class _Result:
-    """Shown as a table in notebooks (``_repr_html_``) and as text elsewhere; ``quiet`` results
-    show only their one-line repr."""
-
-    quiet: bool
-
-    def _repr_html_(self) -> str | None:
-        return None if self.quiet else self.to_html()
-
-    def _repr_pretty_(self, p, cycle: bool) -> None:
-        p.text(repr(self) if self.quiet or cycle else self.to_text())
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def to_html(self) -> str:
-        raise NotImplementedError
-
-    def to_text(self) -> str:
-        raise NotImplementedError
+_Result = _render.Result
 
 
 @dataclass
@@ -236,21 +217,17 @@ class TagList(_Result):
     def __repr__(self) -> str:
         return f"<TagList {len(self.infos)} tags in {str(self.root)!r}>"
 
+    _HEADERS = _format.COLUMNS + ("objects",)
+
     def _rows(self) -> list[list[str]]:
         rows = []
         for i in self.infos:
-            md = i.metadata
-            status = "pending" if i.tag in self.pending else i.status
-            metrics = md.get("metrics") or {}
-            rows.append([
-                i.tag + (" (latest)" if i.is_latest else ""), status, "" if md.get("step") is None else md["step"],
-                _render.when(i.created), _render.size(i.size), ", ".join(_objects_of(i)),
-                ", ".join(f"{k}={_fmt_metric(v)}" for k, v in metrics.items()) if isinstance(metrics, dict) else "",
-                _render.short(md.get("note") or "", 40),
-            ])
+            cells = _format.row(i)
+            if i.tag in self.pending:
+                cells["status"] = "pending"
+            cells["objects"] = ", ".join(_objects_of(i))
+            rows.append([cells[c] for c in self._HEADERS])
         return rows
-
-    _HEADERS = ("tag", "status", "step", "created", "size", "objects", "metrics", "note")
 
     def to_html(self) -> str:
         if not self.infos:
@@ -261,10 +238,6 @@ class TagList(_Result):
         if not self.infos:
             return f"no checkpoints in {self.root}"
         return _render.text_table(self._HEADERS, self._rows(), title=str(self.root))
-
-
-def _fmt_metric(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -279,7 +252,7 @@ class TagDetails(_Result):
 
     def _summary(self) -> list[str]:
         i, md = self.info, self.info.metadata
-        lines = [f"{i.tag}: {i.status}{' (latest)' if i.is_latest else ''}, {_render.size(i.size)}, "
+        lines = [f"{i.tag}: {_format.status(i)}{' (latest)' if i.is_latest else ''}, {_render.size(i.size)}, "
                  f"created {_render.when(i.created)}"]
         if i.problem:
             lines.append(f"problem: {i.problem}")
@@ -287,7 +260,7 @@ class TagDetails(_Result):
             if md.get(key) is not None:
                 lines.append(f"{key}: {md[key]}")
         if md.get("metrics"):
-            lines.append("metrics: " + ", ".join(f"{k}={_fmt_metric(v)}" for k, v in md["metrics"].items()))
+            lines.append(f"metrics: {_format.format_metrics(md['metrics'])}")
         if i.manifest is not None and i.manifest.versions:
             lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(i.manifest.versions.items())))
         return lines
