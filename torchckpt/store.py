@@ -449,6 +449,11 @@ class CheckpointStore:
         return GcPlan(committed=doomed, incomplete=incomplete, leftovers=leftovers, kept=kept, dry_run=dry_run)
 
 
+def _describe(e: Exception) -> str:
+    """An error as one rank reports it to the others: without the ``[Errno N]`` prefix."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
 def _check_file(tag_dir: Path, rec: FileRecord) -> str | None:
     path = tag_dir / rec.path
     try:
@@ -490,6 +495,7 @@ class Transaction:
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self._records: dict[str, FileRecord] = {}
         self._pending: list[Any] = []
+        self._failed: list[WriteError] = []  # deferred write failures (many ranks)
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
         self.committed: Manifest | None = None
@@ -528,8 +534,24 @@ class Transaction:
         return validate_relpath(rel)
 
     def write(self, relpath: str, obj: Any) -> None:
-        """Save ``obj`` as ``relpath`` (torch.save format): atomically, or in the background."""
+        """Save ``obj`` as ``relpath`` (torch.save format): atomically, or in the background.
+
+        On many ranks a failed write is raised by :meth:`commit`, on every rank, not here:
+        raising on one rank alone would leave the others waiting for it at the commit.
+        """
         relpath = self.relpath(relpath)
+        if self.coordinator.world_size == 1:
+            self._write(relpath, obj)
+            return
+        try:
+            self._write(relpath, obj)
+        except Exception as e:  # noqa: BLE001 - raised on every rank by commit()
+            logger.error("rank %d: writing %s failed: %s", self.coordinator.rank, relpath, e)
+            text = _describe(e)
+            message = text if relpath in text else f"writing {relpath} failed: {text}"
+            self._failed.append(WriteError(message) if getattr(e, "errno", None) is None else WriteError(e.errno, message))
+
+    def _write(self, relpath: str, obj: Any) -> None:
         final = self.dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
         if self.writer is not None:
@@ -569,12 +591,14 @@ class Transaction:
         local: Exception | None = None
         try:
             self.wait()
+            if self._failed:
+                raise self._failed[0]
             self._fsync_dirs()
             if co.world_size > 1:
                 self._write_rank_part()
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             local = e
-        self._raise_if_any(co.gather_errors(local and str(local), step="write"), "not committed", local)
+        self._raise_if_any(co.gather_errors(local and _describe(local), step="write"), "not committed", local)
 
         manifest, local = None, None
         if co.rank == 0:
@@ -583,7 +607,7 @@ class Transaction:
             except Exception as e:  # noqa: BLE001
                 local = e
         self._raise_if_any(
-            co.gather_errors(local and str(local), step="commit"), "the manifest could not be written", local
+            co.gather_errors(local and _describe(local), step="commit"), "the manifest could not be written", local
         )
         self._release()
         self.committed = manifest or Manifest(self.tag, time.time(), dict(self._records), co.world_size)
@@ -624,7 +648,13 @@ class Transaction:
             except (OSError, ValueError) as e:
                 raise CommitError(f"rank {rank}'s file list {part_path.name} is missing or unreadable: {e}") from e
             for entry in part["files"]:
-                records[entry["path"]] = FileRecord(**entry)
+                rec = FileRecord(**entry)
+                prior = records.setdefault(rec.path, rec)
+                if prior.checksum != rec.checksum:
+                    raise CommitError(
+                        f"{rec.path} was written by rank {prior.rank} and by rank {rec.rank} with different "
+                        "contents; only one rank may write each file (DeepSpeed: is_data_parallel_writer)"
+                    )
         # Files DeepSpeed put into the tag without the engine (e.g. NVMe offload copies).
         for rel in scan_files(self.dir):
             if rel not in records:
