@@ -40,7 +40,8 @@ class EngineOptions:
         allow_incomplete: load tags without a manifest (uncommitted, or DeepSpeed's own).
         allow: extra globals to allow in safe loading ("module.Name" or objects).
         trusted: load with weights_only=False (runs arbitrary pickled code).
-        map_location: used when DeepSpeed passes none (None: as saved; "auto"; "cpu"; ...).
+        map_location: used when DeepSpeed passes none (None: as saved; "auto"; "cpu"; ...);
+            ``{local_rank}`` and ``{rank}`` in a string are this rank's (``"cuda:{local_rank}"``).
         metadata: user metadata recorded in every manifest (step, note, ...).
         commit_timeout: seconds every rank waits for the others at commit.
     """
@@ -60,6 +61,13 @@ class EngineOptions:
             raise ValueError(f"max_inflight_bytes must be positive or None, got {self.max_inflight_bytes!r}")
         if self.commit_timeout <= 0:
             raise ValueError(f"commit_timeout must be positive, got {self.commit_timeout!r}")
+        if isinstance(self.map_location, str) and "{" in self.map_location:
+            try:
+                self.map_location.format(local_rank=0, rank=0)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"map_location {self.map_location!r} may use only {{local_rank}} and {{rank}} as placeholders"
+                ) from e
         for name in ("async_save", "verify_on_load", "allow_incomplete", "trusted"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -215,6 +223,7 @@ class TorchCheckpointEngine(CheckpointEngine):
                 raise CorruptCheckpointError(f"checkpoint {tag_dir.name!r} is corrupt: {problem}")
         if map_location is None:
             map_location = self.options.map_location
+        map_location = _for_this_rank(map_location)
         log_dist(f"[{ENGINE_NAME}] loading {path}", ranks=[0])
         return serialization.load(
             path_p, map_location=map_location, allow=self.options.allow, trusted=self.options.trusted
@@ -241,14 +250,45 @@ class TorchCheckpointEngine(CheckpointEngine):
         return cached[1]
 
 
+def _for_this_rank(map_location: Any) -> Any:
+    """``"cuda:{local_rank}"`` -> ``"cuda:1"`` on local rank 1 (LOCAL_RANK, as set by the launchers)."""
+    if not isinstance(map_location, str) or "{" not in map_location:
+        return map_location
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return map_location.format(local_rank=int(os.environ.get("LOCAL_RANK", "0")), rank=rank)
+
+
+def _adopt_writer_roles(ds_engine: Any, engine: TorchCheckpointEngine) -> None:
+    """Recompute which ranks write the model-states file, with the new engine's rule.
+
+    DeepSpeed decided at ``initialize``, asking the engine it had then; an engine whose every
+    data-parallel rank writes (DeepSpeed's fast writer) would make every rank write the same file.
+    Mirrors ``DeepSpeedEngine._configure_checkpointing``.
+    """
+    needed = ("use_node_local_storage", "zero_optimization_partition_weights", "local_rank")
+    if not all(hasattr(ds_engine, name) for name in needed):
+        return
+    from deepspeed.utils import groups
+
+    dp_rank = groups._get_sequence_data_parallel_rank()
+    rank = ds_engine.local_rank if ds_engine.use_node_local_storage() else dp_rank
+    writes = engine.is_data_parallel_writer(rank) or (
+        ds_engine.zero_optimization_partition_weights() and ds_engine.is_first_weights_partition_group()
+    )
+    ds_engine.save_non_zero_checkpoint = bool(writes)
+
+
 def install(ds_engine: Any, **options: Any) -> TorchCheckpointEngine:
     """Replace a DeepSpeed engine's checkpoint engine with torchckpt's.
 
-    Call after ``deepspeed.initialize`` on every rank; options as :class:`EngineOptions`.
+    Call after ``deepspeed.initialize`` on every rank; options as :class:`EngineOptions`. The
+    ranks that write the model-states file are chosen again with this engine's
+    ``is_data_parallel_writer`` (data-parallel rank 0, as DeepSpeed's own engine).
     """
     old = getattr(ds_engine, "checkpoint_engine", None)
     if old is not None and old.is_decoupled():
         old.cleanup()
     engine = TorchCheckpointEngine(getattr(ds_engine, "_config", None), **options)
     ds_engine.checkpoint_engine = engine
+    _adopt_writer_roles(ds_engine, engine)
     return engine
