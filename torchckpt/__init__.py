@@ -17,6 +17,9 @@ from .errors import (  # noqa: E402
     IncompleteCheckpointError,
     InvalidTagError,
     ManifestError,
+    NotCheckpointableError,
+    ObjectNotFoundError,
+    RestoreError,
     StoreLockedError,
     TagNotFoundError,
     TorchckptError,
@@ -27,6 +30,8 @@ from .errors import (  # noqa: E402
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
     from .engine import TorchCheckpointEngine, install
+    from .notebook import Checkpointer
+    from .state import Stateful
     from .store import CheckpointInfo, CheckpointStore, LatestFallbackWarning, Transaction, VerifyReport
 
 # name -> module that defines it; imported on first access (PEP 562).
@@ -39,10 +44,13 @@ _LAZY = {
     "VerifyReport": "store",
     "LatestFallbackWarning": "store",
     "AsyncWriter": "async_writer",
+    "Checkpointer": "notebook",
+    "Stateful": "state",
 }
 
 __all__ = [
     "AsyncWriter",
+    "Checkpointer",
     "CheckpointInUseError",
     "CheckpointInfo",
     "CheckpointStore",
@@ -53,6 +61,10 @@ __all__ = [
     "InvalidTagError",
     "LatestFallbackWarning",
     "ManifestError",
+    "NotCheckpointableError",
+    "ObjectNotFoundError",
+    "RestoreError",
+    "Stateful",
     "StoreLockedError",
     "TagNotFoundError",
     "TorchCheckpointEngine",
@@ -63,6 +75,20 @@ __all__ = [
     "WriteError",
     "install",
 ]
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """``%load_ext torchckpt``: register the ``%ckpt`` magic."""
+    from .magics import load_ipython_extension as load
+
+    load(ip)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """``%unload_ext torchckpt``: remove ``%ckpt`` and its hooks."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ip)
 
 
 def __getattr__(name: str) -> Any:

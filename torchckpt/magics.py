@@ -1,0 +1,402 @@
+"""``%ckpt``: save and restore notebook state from IPython. A thin shell over
+:class:`torchckpt.notebook.Checkpointer`: it parses, calls, and returns the result object
+(shown as a table in notebooks, as text in terminals; ``-q`` for a one-line repr).
+
+Load it with ``%load_ext torchckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from traitlets import Bool, CaselessStrEnum, Unicode
+from traitlets.config import Configurable
+
+from .errors import TorchckptError
+
+#: The subcommands, in the order ``%ckpt?`` lists them.
+SUBCOMMANDS = ("save", "commit", "load", "ls", "info", "diff", "verify", "rm", "gc", "dir", "ui")
+#: Subcommands whose positional arguments are tags (completion offers tag names).
+_TAG_COMMANDS = frozenset({"commit", "load", "info", "diff", "verify", "rm"})
+
+
+class _Help(Exception):
+    """argparse asked to exit after printing help."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` (no traceback in IPython) instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            print(message, file=sys.stderr)
+        raise _Help()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _build_parsers() -> dict[str, _Parser]:
+    p: dict[str, _Parser] = {}
+
+    def new(name: str, help: str) -> _Parser:
+        parser = _Parser(prog=f"%ckpt {name}", description=help, add_help=True)
+        parser.add_argument("-q", "--quiet", action="store_true", help="show only a one-line result")
+        p[name] = parser
+        return parser
+
+    s = new("save", "Save objects of the notebook (default: every checkpointable one) and the RNG states.")
+    s.add_argument("tag", nargs="?", help="tag (default: step-<step>, or ckpt-<date>-<time> when no step is known)")
+    s.add_argument("names", nargs="*", help="variables to save (default: every checkpointable one)")
+    s.add_argument("--async", dest="async_save", action="store_true",
+                   help="copy tensors now, write in the background (commits when written)")
+    s.add_argument("--no-commit", dest="commit", action="store_false", help="leave uncommitted; see %%ckpt commit")
+    s.add_argument("--note", help="a note stored with the checkpoint")
+    s.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[], metavar="K=V",
+                   help="metrics stored with the checkpoint, e.g. --metric loss=0.12 acc=0.9")
+    s.add_argument("--step", type=int, help="the training step (default: the variable `global_step` or `step`)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: for large saves)")
+
+    c = new("commit", "Commit a tag saved with --no-commit, or wait for an --async save and report its outcome.")
+    c.add_argument("tag")
+    c.add_argument("--note", help="replace the note given at save time")
+
+    ld = new("load", "Restore saved objects into the live ones, in place; all are checked before any changes.")
+    ld.add_argument("tag", nargs="?", default="latest", help="tag or 'latest' (default)")
+    ld.add_argument("names", nargs="*", help="objects to restore (default: all, and the RNG states)")
+    ld.add_argument("--map-location", default=None, metavar="DEV",
+                    help="cpu, cuda, cuda:N or auto (default: where the tensors were saved)")
+    ld.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                    help="missing/unexpected keys and dtype changes are errors (default) or notes")
+    ld.add_argument("--into", metavar="VAR", help="load the one named object into a new variable instead")
+    ld.add_argument("--rng", action=argparse.BooleanOptionalAction, default=None,
+                    help="restore the RNG states (default: when loading every object)")
+    ld.add_argument("--trusted", action="store_true",
+                    help="load with weights_only=False (runs pickled code: only for files you trust)")
+    ld.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar (default: for large loads)")
+
+    new("ls", "List the checkpoints under the root: status, step, time, size, objects, metrics, note.")
+    i = new("info", "Show one checkpoint: status, metadata, objects and files.")
+    i.add_argument("tag", nargs="?", default="latest")
+    d = new("diff", "Compare two checkpoints: keys added/removed, shape/dtype changes, max |Δ| per tensor, metadata.")
+    d.add_argument("a")
+    d.add_argument("b", nargs="?", default="latest")
+    v = new("verify", "Re-check every file of a checkpoint against its manifest's sizes and checksums.")
+    v.add_argument("tag", nargs="?", default="latest")
+    r = new("rm", "Remove checkpoints (never one being written; 'latest' only with --force).")
+    r.add_argument("tags", nargs="+")
+    r.add_argument("--force", action="store_true", help="also remove the tag 'latest' points to")
+    g = new("gc", "Remove incomplete checkpoints, leftovers and, with --keep-last, older committed ones.")
+    g.add_argument("--keep-last", type=_positive_int, metavar="N", help="keep the newest N committed tags")
+    g.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    dr = new("dir", "Show or set the checkpoint root (also: %config CkptMagics.root = 'path').")
+    dr.add_argument("path", nargs="?")
+    new("ui", "Show the checkpoint panel.")
+    return p
+
+
+_PARSERS = _build_parsers()
+
+
+def _doc() -> str:
+    lines = [
+        "Save, restore, compare and manage checkpoints of the notebook's objects.",
+        "",
+        "  %ckpt SUBCOMMAND [ARGS]     (%ckpt SUBCOMMAND --help for details)",
+        "",
+    ]
+    for name in SUBCOMMANDS:
+        parser = _PARSERS[name]
+        usage = parser.format_usage().replace("usage: ", "").strip()
+        lines += [f"  {usage}", f"      {parser.description}"]
+    lines += [
+        "",
+        "User mistakes are reported without a traceback; each command returns a result object",
+        "(r = %ckpt save ...), shown as a table. Configure with %config CkptMagics.root = 'dir',",
+        "CkptMagics.progress = 'auto'|'always'|'never', CkptMagics.quiet = True.",
+    ]
+    return "\n".join(lines)
+
+
+@magics_class
+class CkptMagics(Magics, Configurable):
+    """The ``%ckpt`` line magic. Its settings are traitlets, so ``%config CkptMagics.root = ...`` works."""
+
+    root = Unicode(
+        "", help="checkpoint root; empty means ./checkpoints beside the notebook (the kernel's working directory)"
+    ).tag(config=True)
+    progress = CaselessStrEnum(
+        ["auto", "always", "never"], default_value="auto", help="progress bars for saves and loads"
+    ).tag(config=True)
+    quiet = Bool(False, help="show one-line results by default (as -q)").tag(config=True)
+    report_async = Bool(True, help="after each cell, report async saves that finished").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self._checkpointers: dict[Path, Any] = {}
+        self._default_root: Path | None = None
+
+    # -- the checkpointer of the current root ----------------------------------------------------
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(self.root).expanduser().absolute()
+        if self._default_root is None:
+            self._default_root = _notebook_dir(self.shell) / "checkpoints"
+        return self._default_root
+
+    @property
+    def checkpointer(self):
+        root = self.resolved_root()
+        ckpt = self._checkpointers.get(root)
+        if ckpt is None:
+            from .notebook import Checkpointer  # imports torch: only on first use
+
+            ckpt = self._checkpointers[root] = Checkpointer(root)
+        return ckpt
+
+    def _namespace(self) -> dict[str, Any]:
+        """The user's variables, without the ones IPython put there."""
+        hidden = self.shell.user_ns_hidden
+        return {k: v for k, v in self.shell.user_ns.items() if k not in hidden or hidden[k] is not v}
+
+    def _progress(self, flag: bool | None) -> bool | None:
+        if flag is not None:
+            return flag
+        return {"auto": None, "always": True, "never": False}[self.progress]
+
+    # -- the magic -------------------------------------------------------------------------------
+    @line_magic
+    def ckpt(self, line: str = ""):
+        args = shlex.split(line, posix=True)
+        if not args:
+            print(_doc())
+            return None
+        sub, rest = args[0], args[1:]
+        if sub in ("help", "-h", "--help"):
+            print(_doc())
+            return None
+        if sub not in _PARSERS:
+            import difflib
+
+            close = difflib.get_close_matches(sub, SUBCOMMANDS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"unknown %ckpt subcommand {sub!r}; {hint}use one of: {', '.join(SUBCOMMANDS)}")
+        try:
+            ns = _PARSERS[sub].parse_args(rest)
+        except _Help:
+            return None
+        handler: Callable[[argparse.Namespace], Any] = getattr(self, f"_do_{sub}")
+        try:
+            result = handler(ns)
+        except UsageError:
+            raise
+        except TorchckptError as e:
+            raise UsageError(str(e)) from e
+        if result is not None and hasattr(result, "quiet"):
+            result.quiet = ns.quiet or self.quiet
+        return result
+
+    ckpt.__doc__ = _doc()
+
+    # -- subcommands ----------------------------------------------------------------------------
+    def _do_save(self, a: argparse.Namespace):
+        from .notebook import parse_metrics
+        from .state import infer_step
+
+        namespace = self._namespace()
+        if a.names:
+            missing = [n for n in a.names if n not in namespace]
+            if missing:
+                import difflib
+
+                close = difflib.get_close_matches(missing[0], list(namespace), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise UsageError(f"no variable {missing[0]!r} in the notebook{hint}")
+            objects = {n: namespace[n] for n in a.names}
+        else:
+            objects = self.checkpointer.checkpointable(namespace)
+            if not objects:
+                raise UsageError("nothing to save: the notebook has no modules, optimizers, tensors or other "
+                                 "checkpointable objects yet")
+        try:
+            metrics = parse_metrics(a.metrics)
+        except ValueError as e:
+            raise UsageError(f"{e} (put variable names before --metric)") from e
+        step = a.step if a.step is not None else infer_step(namespace)
+        return self.checkpointer.save(
+            a.tag, objects, async_save=a.async_save, commit=a.commit, note=a.note, metrics=metrics,
+            step=step, progress=self._progress(a.progress),
+        )
+
+    def _do_commit(self, a: argparse.Namespace):
+        return self.checkpointer.commit(a.tag, note=a.note)
+
+    def _do_load(self, a: argparse.Namespace):
+        return self.checkpointer.load(
+            a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
+            into=a.into, rng=a.rng, trusted=a.trusted, progress=self._progress(a.progress),
+        )
+
+    def _do_ls(self, a: argparse.Namespace):
+        return self.checkpointer.list()
+
+    def _do_info(self, a: argparse.Namespace):
+        return self.checkpointer.info(a.tag)
+
+    def _do_diff(self, a: argparse.Namespace):
+        return self.checkpointer.diff(a.a, a.b)
+
+    def _do_verify(self, a: argparse.Namespace):
+        return self.checkpointer.verify(a.tag)
+
+    def _do_rm(self, a: argparse.Namespace):
+        from .notebook import RemoveResult
+
+        ckpt = self.checkpointer
+        for tag in a.tags:  # check them all before removing any
+            ckpt.store.info(tag)
+        removed = []
+        for tag in a.tags:
+            removed += ckpt.remove(tag, force=a.force).removed
+        return RemoveResult(removed)
+
+    def _do_gc(self, a: argparse.Namespace):
+        return self.checkpointer.gc(keep_last=a.keep_last, dry_run=a.dry_run)
+
+    def _do_dir(self, a: argparse.Namespace):
+        if a.path is not None:
+            path = Path(a.path).expanduser()
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"{path} exists and is not a directory; choose a directory for checkpoints")
+            self.root = str(path.absolute())
+        return self.resolved_root()
+
+    def _do_ui(self, a: argparse.Namespace):
+        if importlib.util.find_spec("torchckpt.panel") is None:
+            print("The checkpoint panel is not part of this torchckpt version yet; "
+                  "use %ckpt ls, save, load, diff and rm meanwhile.")
+            return None
+        from IPython.display import display
+
+        from .panel import CheckpointPanel
+
+        panel = CheckpointPanel(checkpointer=self.checkpointer, namespace=self.shell.user_ns)
+        display(panel)
+        return None
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def post_run_cell(self, result=None) -> None:
+        """Report async saves that finished while the cell ran (errors are never dropped)."""
+        if not self.report_async:
+            return
+        for ckpt in list(self._checkpointers.values()):
+            for outcome in ckpt.poll():
+                if outcome.error is not None:
+                    print(f"torchckpt: async save {outcome.tag!r} FAILED: {outcome.error} "
+                          f"(%ckpt commit {outcome.tag} raises it)", file=sys.stderr)
+                else:
+                    print(f"torchckpt: async save {outcome.tag!r} committed")
+
+    def complete(self, shell, event) -> list[str]:
+        """Completions for ``%ckpt``: subcommands, options, tags and variable names."""
+        try:
+            words = shlex.split(event.text_until_cursor)
+        except ValueError:
+            words = event.text_until_cursor.split()
+        if event.text_until_cursor.endswith((" ", "\t")):
+            words.append("")
+        words = words[1:]  # drop "%ckpt"
+        if len(words) <= 1:
+            return [s for s in SUBCOMMANDS if s.startswith(words[0] if words else "")]
+        sub, current = words[0], words[-1]
+        parser = _PARSERS.get(sub)
+        if parser is None:
+            return []
+        if current.startswith("-"):
+            return sorted(o for a in parser._actions for o in a.option_strings if o.startswith(current))
+        out: list[str] = []
+        positionals = [w for w in words[1:-1] if not w.startswith("-")]
+        with contextlib.suppress(Exception):
+            if sub in _TAG_COMMANDS and (sub != "load" or not positionals):
+                out += self.checkpointer.tags() + (["latest"] if sub in ("load", "diff", "info", "verify") else [])
+            if sub == "load" and positionals:
+                info = self.checkpointer.store.info(positionals[0])
+                out += list(info.metadata.get("objects") or {})
+            if sub == "save" and positionals:
+                out += list(self.checkpointer.checkpointable(self._namespace()))
+        return [o for o in out if o.startswith(current)]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish async saves (their errors are printed, never dropped) and release buffers."""
+        for ckpt in self._checkpointers.values():
+            try:
+                ckpt.close()
+            except Exception as e:  # noqa: BLE001 - report every checkpointer's failure
+                print(f"torchckpt: {e}", file=sys.stderr)
+        self._checkpointers.clear()
+
+
+def _notebook_dir(shell) -> Path:
+    """The notebook's directory when the kernel knows it (Jupyter sets ``__session__``), else cwd."""
+    session = shell.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
+    if isinstance(session, str) and session.endswith(".ipynb"):
+        path = Path(session).expanduser()
+        if path.is_absolute() and path.parent.is_dir():
+            return path.parent
+    return Path.cwd()
+
+
+_COMPLETE_KEY = "%ckpt"
+
+
+def load_ipython_extension(ip) -> None:
+    """Register ``%ckpt`` (``%load_ext torchckpt``). Idempotent: a previous instance is removed first."""
+    unload_ipython_extension(ip)
+    magics = CkptMagics(shell=ip, config=ip.config, parent=ip)
+    ip.register_magics(magics)
+    ip.configurables.append(magics)
+    ip.events.register("post_run_cell", magics.post_run_cell)
+    ip.set_hook("complete_command", magics.complete, str_key=_COMPLETE_KEY)
+
+
+def unload_ipython_extension(ip) -> None:
+    """Remove ``%ckpt``, its hooks and configuration; finish pending async saves."""
+    manager = ip.magics_manager
+    old = manager.registry.get(CkptMagics.__name__)
+    if old is None:
+        return
+    manager.registry.pop(CkptMagics.__name__, None)
+    if manager.magics["line"].get("ckpt") is not None and getattr(manager.magics["line"]["ckpt"], "__self__", None) is old:
+        del manager.magics["line"]["ckpt"]
+    with contextlib.suppress(ValueError):
+        ip.events.unregister("post_run_cell", old.post_run_cell)
+    dispatcher = ip.strdispatchers.get("complete_command")
+    if dispatcher is not None:
+        dispatcher.strs.pop(_COMPLETE_KEY, None)
+    ip.configurables[:] = [c for c in ip.configurables if c is not old]
+    if old.root:  # %reload_ext keeps the root chosen with %ckpt dir
+        ip.config.CkptMagics.root = old.root
+    old.close()
