@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .async_writer import AsyncWriter
     from .engine import TorchCheckpointEngine, install
     from .notebook import Checkpointer
+    from .panel import CheckpointPanel
     from .state import Stateful
     from .store import CheckpointInfo, CheckpointStore, LatestFallbackWarning, Transaction, VerifyReport
 
@@ -45,6 +46,7 @@ _LAZY = {
     "LatestFallbackWarning": "store",
     "AsyncWriter": "async_writer",
     "Checkpointer": "notebook",
+    "CheckpointPanel": "panel",
     "Stateful": "state",
 }
 
@@ -53,6 +55,7 @@ __all__ = [
     "Checkpointer",
     "CheckpointInUseError",
     "CheckpointInfo",
+    "CheckpointPanel",
     "CheckpointStore",
     "CommitError",
     "CorruptCheckpointError",
