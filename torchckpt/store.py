@@ -37,6 +37,7 @@ from .errors import (
     TorchckptError,
     WriteError,
 )
+from .inspect import origin
 from .manifest import (
     LATEST_NAME,
     MANIFEST_NAME,
@@ -419,14 +420,18 @@ class CheckpointStore:
 
         Removes incomplete tags nobody is writing, temporary files of dead writers and
         half-deleted directories. With ``keep_last=N`` it also removes committed tags older
-        than the newest N. Never removes ``latest`` or a tag being written.
+        than the newest N. Never removes ``latest``, a tag being written, or a directory
+        torchckpt did not start (DeepSpeed's own engine's checkpoints: no manifest, no
+        bookkeeping file; ``torchckpt adopt`` brings them under gc).
         """
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         with self.lock():
             infos = self.list()
             latest = self._resolve_latest(warn=False)
-            incomplete = [i.tag for i in infos if not i.committed and not i.in_flight]
+            # Only tags torchckpt started: DeepSpeed's own engine's checkpoints (no manifest, no
+            # bookkeeping of ours) are not leftovers; `torchckpt adopt` brings them under gc.
+            incomplete = [i.tag for i in infos if not i.committed and not i.in_flight and not _foreign(i.path)]
             committed = [i for i in infos if i.committed and not i.in_flight]
             doomed: list[str] = []
             if keep_last is not None:
@@ -452,6 +457,11 @@ class CheckpointStore:
 def _describe(e: Exception) -> str:
     """An error as one rank reports it to the others: without the ``[Errno N]`` prefix."""
     return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
+def _foreign(tag_dir: Path) -> bool:
+    """Files that torchckpt did not start writing (DeepSpeed's own engine's checkpoints)."""
+    return origin(tag_dir) != "torchckpt" and any(tag_dir.iterdir())
 
 
 def _check_file(tag_dir: Path, rec: FileRecord) -> str | None:
