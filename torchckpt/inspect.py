@@ -588,3 +588,19 @@ def _inspect_safetensors(path: Path, size: int) -> FileStructure:
     if 8 + n + data_bytes != size:
         notes.append(f"file is {size} bytes but its header describes {8 + n + data_bytes}: truncated or padded")
     return FileStructure(path, "safetensors", size, tensors, values, [], {t.name: t.nbytes or 0 for t in tensors}, notes)
+
+
+_TORCH_OWN = {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray", "builtins.set",
+              "builtins.complex"}  # fmt: skip
+
+
+def foreign_globals(structure: FileStructure) -> dict[str, str]:
+    """Globals beyond torch's own that a file names, each with how safe loading treats it.
+
+    ``"allowed"``: on torchckpt's shipped allowlist; ``"needs --allow"``: safe loading refuses
+    the file unless the caller allows it (``allow=[...]``, ``--allow``) or trusts the file.
+    """
+    from .serialization import DEFAULT_ALLOWLIST
+
+    extra = [g for g in structure.globals if not g.startswith("torch.") and g not in _TORCH_OWN]
+    return {g: "allowed" if g in DEFAULT_ALLOWLIST else "needs --allow" for g in extra}
