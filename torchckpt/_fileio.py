@@ -3,14 +3,22 @@
 Every file torchckpt writes goes through :func:`atomic_writer`: a temporary name in the same
 directory, the bytes hashed while they are written (never read back), flush, fsync, rename.
 The directory itself is fsynced by :func:`fsync_dir` before a commit marker refers to the file.
+
+Speed: the kernel is asked to start writing every ``WRITEBACK_EVERY`` bytes to disk as soon as
+they are written (``sync_file_range``, Linux), so the disk works while the rest of the file is
+still being serialised and the final fsync only waits for the tail (measured: fsync of a 1 GiB
+file 0.3 s -> 0.02 s here, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +32,9 @@ from .errors import WriteError
 TMP_INFIX = ".tmp-"
 CHECKSUM_ALGO = "xxh3_128"
 _READ_CHUNK = 16 << 20
+#: Start the disk write-out of every this many bytes while the rest is still being written.
+WRITEBACK_EVERY = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages, do not wait
 
 
 def tmp_name(final: Path) -> Path:
@@ -35,19 +46,40 @@ def is_tmp_name(name: str) -> bool:
 
 
 class HashingWriter:
-    """A write-only binary stream that hashes and counts what passes through it."""
+    """A write-only binary stream that hashes and counts what passes through it.
 
-    def __init__(self, raw):
+    With ``fd`` (the file's descriptor) it also starts the disk write-out of every
+    ``writeback_every`` bytes (large writes are split so this happens within them too).
+    """
+
+    def __init__(self, raw, *, fd: int | None = None, writeback_every: int = WRITEBACK_EVERY):
         self._raw = raw
         self._hash = xxhash.xxh3_128()
         self.size = 0
+        self._fd = fd
+        self._every = writeback_every
+        self._started = 0  # bytes whose write-out has been started
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        n = len(view)
+        if self._fd is None or n <= self._every:
+            self._put(view)
+        else:
+            for start in range(0, n, self._every):
+                self._put(view[start : start + self._every])
+        return n
+
+    def _put(self, view: memoryview) -> None:
         self._hash.update(view)
-        written = self._raw.write(view)
+        self._raw.write(view)
         self.size += len(view)
-        return written if written is not None else len(view)
+        if self._fd is not None and self.size - self._started >= self._every:
+            self._raw.flush()
+            _start_writeback(self._fd, self._started, self.size - self._started)
+            self._started = self.size
 
     def flush(self) -> None:
         self._raw.flush()
@@ -86,8 +118,38 @@ def describe_os_error(err: OSError, path: Path) -> str:
     return f"writing {path} failed: {err.strerror or err}"
 
 
+_sync_file_range = None
+_sync_file_range_lock = threading.Lock()
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range of the file to disk now, without waiting.
+
+    Best effort: where ``sync_file_range`` is missing or refused, the final fsync does it all.
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        with _sync_file_range_lock:
+            if _sync_file_range is None:
+                _sync_file_range = _load_sync_file_range()
+    if _sync_file_range is not False:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # the return value does not matter
+
+
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # ctypes releases the GIL during the call
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 @contextlib.contextmanager
-def atomic_writer(final: Path, *, buffering: int = 8 << 20) -> Iterator[HashingWriter]:
+def atomic_writer(final: Path, *, buffering: int = 1 << 20) -> Iterator[HashingWriter]:
     """Yield a hashing stream whose bytes appear under ``final`` only if the block completes.
 
     On success the file is flushed, fsynced and renamed over ``final``; the caller must
@@ -101,7 +163,7 @@ def atomic_writer(final: Path, *, buffering: int = 8 << 20) -> Iterator[HashingW
         raw = open(tmp, "xb", buffering=buffering)  # noqa: SIM115 - closed below on every path
     except OSError as e:
         raise WriteError(e.errno, describe_os_error(e, final)) from e
-    writer = HashingWriter(raw)
+    writer = HashingWriter(raw, fd=raw.fileno())
     try:
         try:
             yield writer
