@@ -45,6 +45,20 @@ class _Parser(argparse.ArgumentParser):
             print(message, file=sys.stderr)
         raise _Help()
 
+    def parse(self, args: list[str]) -> argparse.Namespace:
+        """Like parse_args, but names may also follow options (``load TAG --into v model``).
+
+        (argparse's parse_intermixed_args cannot be used: it re-formats the usage with ``%``,
+        which the ``%ckpt`` in our prog names breaks.)
+        """
+        ns, extra = self.parse_known_args(args)
+        if extra:
+            many = [a for a in self._actions if not a.option_strings and a.nargs in ("*", "+")]
+            if not many or any(e.startswith("-") and e != "-" for e in extra):
+                self.error(f"unrecognized arguments: {' '.join(extra)}")
+            setattr(ns, many[0].dest, list(getattr(ns, many[0].dest) or []) + extra)
+        return ns
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -189,7 +203,10 @@ class CkptMagics(Magics, Configurable):
     # -- the magic -------------------------------------------------------------------------------
     @line_magic
     def ckpt(self, line: str = ""):
-        args = shlex.split(line, posix=True)
+        try:
+            args = shlex.split(line, posix=True)
+        except ValueError as e:
+            raise UsageError(f"%ckpt {line}: {e} (quote values that contain spaces)") from None
         if not args:
             print(_doc())
             return None
@@ -204,7 +221,7 @@ class CkptMagics(Magics, Configurable):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"unknown %ckpt subcommand {sub!r}; {hint}use one of: {', '.join(SUBCOMMANDS)}")
         try:
-            ns = _PARSERS[sub].parse_args(rest)
+            ns = _PARSERS[sub].parse(rest)
         except _Help:
             return None
         handler: Callable[[argparse.Namespace], Any] = getattr(self, f"_do_{sub}")
@@ -376,8 +393,7 @@ def load_ipython_extension(ip) -> None:
     """Register ``%ckpt`` (``%load_ext torchckpt``). Idempotent: a previous instance is removed first."""
     unload_ipython_extension(ip)
     magics = CkptMagics(shell=ip, config=ip.config, parent=ip)
-    ip.register_magics(magics)
-    ip.configurables.append(magics)
+    ip.register_magics(magics)  # Magics.__init__ already put it in ip.configurables (for %config)
     ip.events.register("post_run_cell", magics.post_run_cell)
     ip.set_hook("complete_command", magics.complete, str_key=_COMPLETE_KEY)
 
