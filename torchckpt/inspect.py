@@ -16,7 +16,9 @@ placeholder named after the global. Nothing here imports torch.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
+import io
 import json
 import os
 import pickle
@@ -363,6 +365,11 @@ class _InertUnpickler(pickle.Unpickler):
         self._stubs: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles (torch.save's) spell some names the Python 2 way (__builtin__.set).
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         dotted = f"{module}.{name}"
         self.seen.add(dotted)
         if dotted in _SPECIAL:
@@ -519,9 +526,8 @@ def _inspect_zip(path: Path, size: int) -> FileStructure:
         if info.file_size > MAX_PICKLE_BYTES:
             return FileStructure(path, "zip", size, error=f"{path.name}: data.pkl is {info.file_size} bytes, over the inspection limit")
         prefix = pkl[0][: -len("data.pkl")]
-        with zf.open(info) as f:
-            unpickler = _InertUnpickler(f)
-            root = unpickler.load()
+        unpickler = _InertUnpickler(io.BytesIO(_read_member(zf, path, info)))
+        root = unpickler.load()
         storage_bytes = {}
         notes = []
         for key in unpickler.storages:
@@ -530,6 +536,26 @@ def _inspect_zip(path: Path, size: int) -> FileStructure:
             except KeyError:
                 notes.append(f"storage {key} is referenced but missing from the archive (truncated file?)")
     return _result(path, "zip", size, root, unpickler, storage_bytes, notes)
+
+
+def _read_member(zf: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) -> bytes:
+    """One stored member's bytes, read directly: torchckpt's own saves carry no zip CRC-32
+    (torch.load never checks it; the manifest's checksum covers the file), which
+    ``ZipFile.open`` would report as corruption."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        with zf.open(info) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        if header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"no local header for {info.filename}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        data = f.read(info.compress_size)
+    if len(data) != info.compress_size:
+        raise EOFError(f"{info.filename} is cut short")
+    return data
 
 
 def _inspect_legacy(path: Path, size: int) -> FileStructure:
