@@ -1,0 +1,245 @@
+"""One rank of the two-rank DeepSpeed jobs of tests/test_distributed.py (gloo on 127.0.0.1).
+
+``python tests/_dist_worker.py JOB.json`` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT set by the launcher (the test itself, or torchrun). JOB.json holds the scenario
+and its options; each rank writes what it observed to ``{out}/rank{RANK}.json`` and the test
+asserts on that, so a failure shows every rank's view. Starting DeepSpeed costs seconds, so one
+job checks several things in a row:
+
+``resume``
+    train, save, train on (the reference); a fresh engine with other initial weights loads
+    the checkpoint and trains on: losses and parameters must be bit-identical. Then the
+    manifest's ranks, per-rank ``map_location``, and a save whose write fails on rank 1 (a
+    directory stands where its file goes): the commit must fail on both ranks, and a later
+    save must still commit. ``async_save`` runs the same through DeepSpeed's deferred commit.
+``kill``
+    save a good tag, then rank 1 SIGKILLs itself halfway through writing its file of the next
+    tag; rank 0 reports how its commit failed and how long that took.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+RANK = int(os.environ["RANK"])
+MANIFEST = "torchckpt-manifest.json"
+
+
+def quiet_deepspeed():
+    import deepspeed.ops
+
+    # DeepSpeed's shared-memory all-reduce op speeds up CPU collectives and has nothing to do
+    # with checkpoints; building it is a 30-50 s C++ compile on a fresh machine. Go without it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def make_engine(stage: int, seed: int):
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    )
+    # A frozen first layer (a "pretrained base"): the same weights whatever the seed, since an
+    # exclude_frozen_parameters checkpoint does not hold them.
+    frozen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(model[0].weight.shape, generator=frozen))
+        model[0].bias.copy_(torch.randn(model[0].bias.shape, generator=frozen))
+    model[0].requires_grad_(False)
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 1e-2}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
+    return engine
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(1000 * (RANK + 1) + step)
+    return torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+
+
+def train(engine, start: int, steps: int) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        loss = ((engine(x) - y) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    """Every parameter in full (ZeRO-3 holds only a shard of each on a rank)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().clone() for k, v in params.items()}
+
+
+def tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def save_failing(engine, root: Path, tag: str, job: dict, out: dict, key: str) -> None:
+    """Save ``tag`` with a directory standing where rank 1's optimizer file goes."""
+    import torch.distributed as dist
+
+    if RANK == 1:
+        (root / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").mkdir(parents=True)
+    dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tag)
+        if job["async_save"]:
+            train(engine, 100, 1)  # DeepSpeed commits a deferred save at the next step
+        out[key] = None
+    except Exception as e:  # noqa: BLE001 - the test asserts on the message
+        out[key] = error_text(e)
+
+
+def resume(job: dict, out: dict) -> None:
+    import torch.distributed as dist
+
+    import torchckpt
+    from torchckpt import CheckpointStore
+
+    root = Path(job["root"])
+    stage, options = job["stage"], {"async_save": job["async_save"], "commit_timeout": job["commit_timeout"]}
+    exclude = job.get("exclude_frozen", False)
+
+    first = make_engine(stage, seed=0)
+    ours = torchckpt.install(first, **options)
+    out["writes_model_states"] = bool(first.save_non_zero_checkpoint)
+    train(first, 0, 3)
+    first.save_checkpoint(str(root), tag="step3", client_state={"step": 3}, exclude_frozen_parameters=exclude)
+    out["committed_before_next_step"] = (root / "step3" / MANIFEST).exists()
+    expected = train(first, 3, 4)  # with async_save, the first of these steps commits
+    expected_params = full_params(first)
+    out["committed_after_next_step"] = (root / "step3" / MANIFEST).exists()
+    dist.barrier()
+
+    resumed = make_engine(stage, seed=1)  # other initial weights: the load must overwrite them
+    torchckpt.install(resumed, **options)
+    load_path, client_state = resumed.load_checkpoint(str(root), load_module_strict=not exclude)
+    out["loaded"] = load_path is not None and client_state.get("step") == 3
+    out["losses_identical"] = train(resumed, 3, 4) == expected
+    params = full_params(resumed)
+    out["params_differing"] = sorted(k for k in expected_params if not torch.equal(params[k], expected_params[k]))
+
+    store = CheckpointStore(root)
+    if RANK == 0:
+        manifest = store.manifest("step3")
+        out["world_size"] = manifest.world_size
+        out["file_ranks"] = {path: rec.rank for path, rec in manifest.files.items()}
+        out["verify_problems"] = store.verify("step3").problems
+        model_states = next(p for p in manifest.files if p.endswith("model_states.pt"))
+        module = ours.load(str(root / "step3" / model_states))["module"]
+        out["saved_module_keys"] = sorted(module)
+
+    # map_location per rank: DeepSpeed's way (cpu), and a per-rank template.
+    own = root / "step3" / f"zero_pp_rank_{RANK}_mp_rank_00_optim_states.pt"
+    out["cpu_devices"] = sorted({str(t.device) for t in tensors(ours.load(str(own), map_location="cpu"))})
+    per_rank = torchckpt.TorchCheckpointEngine(map_location="cuda:{local_rank}")
+    try:
+        out["template_devices"] = sorted({str(t.device) for t in tensors(per_rank.load(str(own)))})
+    except Exception as e:  # noqa: BLE001 - without CUDA: the error must name this rank's device
+        out["template_devices"] = error_text(e)
+
+    # A write that fails on rank 1 fails the commit on both ranks; the next save still commits.
+    save_failing(resumed, root, "broken", job, out, "broken_error")
+    out["broken_committed"] = (root / "broken" / MANIFEST).exists()
+    out["latest_after_broken"] = store.latest()
+    out["step3_ok_after_broken"] = store.verify("step3").ok
+    resumed.save_checkpoint(str(root), tag="after")
+    if job["async_save"]:
+        train(resumed, 200, 1)
+    dist.barrier()
+    out["after_committed"] = (root / "after" / MANIFEST).exists() and store.latest() == "after"
+
+
+def kill(job: dict, out: dict) -> None:
+    import torchckpt
+    from torchckpt._fileio import atomic_writer
+
+    root = Path(job["root"])
+    engine = make_engine(job["stage"], seed=0)
+    ours = torchckpt.install(engine, async_save=job["async_save"], commit_timeout=job["commit_timeout"])
+    train(engine, 0, 2)
+    engine.save_checkpoint(str(root), tag="good")
+    if job["async_save"]:
+        train(engine, 2, 1)
+    victim = job["kill_file"]
+    if RANK == 1:
+        save = ours.save
+
+        def save_then_die(state_dict, path):
+            if Path(path).name != victim:
+                return save(state_dict, path)
+            data = io.BytesIO()
+            torch.save(state_dict, data)
+            with atomic_writer(Path(path)) as stream:  # a real temporary file, half written
+                stream.write(data.getvalue()[: len(data.getvalue()) // 2])
+                stream.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ours.save = save_then_die
+    start = time.monotonic()
+    try:
+        engine.save_checkpoint(str(root), tag="torn")
+        if job["async_save"]:
+            train(engine, 3, 1)
+        out["torn_error"] = None
+    except Exception as e:  # noqa: BLE001 - the test asserts on the message
+        out["torn_error"] = error_text(e)
+    out["seconds_to_fail"] = time.monotonic() - start
+
+
+def main() -> None:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    out: dict = {"rank": RANK}
+    result = Path(job["out"]) / f"rank{RANK}.json"
+    try:
+        quiet_deepspeed()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        {"resume": resume, "kill": kill}[job["scenario"]](job, out)
+    except BaseException:  # noqa: BLE001 - reported to the test, which fails on it
+        out["crash"] = traceback.format_exc()
+    result.write_text(json.dumps(out, indent=1))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: with a peer gone, gloo's destructors may wait on it.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
