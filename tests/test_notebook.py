@@ -1,0 +1,434 @@
+"""The notebook API: Checkpointer save/commit/load and friends, on CPU (GPU cases marked)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from torchckpt.errors import (
+    CheckpointInUseError,
+    IncompleteCheckpointError,
+    InvalidTagError,
+    ManifestError,
+    NotCheckpointableError,
+    ObjectNotFoundError,
+    RestoreError,
+    TagNotFoundError,
+    WriteError,
+)
+from torchckpt.notebook import Checkpointer, SaveResult, parse_metrics
+from torchckpt.state import infer_step
+
+
+class Counter:
+    def __init__(self, n=0):
+        self.n = n
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.n = sd["n"]
+
+
+class Unpicklable(Counter):
+    def state_dict(self):
+        return {"fn": lambda: self.n}
+
+
+@pytest.fixture
+def ckpt(root):
+    c = Checkpointer(root)
+    yield c
+    c.close()
+
+
+def objects(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    loss = ((model(torch.randn(8, 4)) - 1) ** 2).mean()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return {
+        "model": model, "opt": opt, "sched": sched, "scaler": torch.amp.GradScaler("cpu", init_scale=1024.0),
+        "counter": Counter(seed + 1), "weights": torch.randn(5), "arr": np.arange(4.0) + seed, "step": 10 + seed,
+        "cfg": {"lr": 0.01, "layers": [4, 8, 1], "name": f"run{seed}"}, "gen": torch.Generator().manual_seed(seed),
+    }
+
+
+def states_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def snapshot(objs):
+    out = {}
+    for name, obj in objs.items():
+        if hasattr(obj, "state_dict"):
+            out[name] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in obj.state_dict().items()}
+        elif isinstance(obj, torch.Generator):
+            out[name] = obj.get_state()
+        elif isinstance(obj, (torch.Tensor, np.ndarray)):
+            out[name] = torch.as_tensor(obj).clone()
+        else:
+            out[name] = obj
+    return out
+
+
+def test_round_trip_of_every_kind_in_place(ckpt, root):
+    ns = objects(0)
+    before = snapshot(ns)
+    live_ids = {k: id(v) for k, v in ns.items() if k not in ("step", "cfg")}
+    r = ckpt.save("t", ns, note="n", metrics={"loss": 0.5}, step=10)
+    assert r.committed and r.size > 0 and r.step == 10
+    other = objects(1)
+    for name in ("model", "opt", "sched", "scaler", "counter", "weights", "arr", "gen"):  # same objects, new state
+        obj = ns[name]
+        if isinstance(obj, torch.Tensor):
+            obj.copy_(other[name])
+        elif isinstance(obj, np.ndarray):
+            obj[:] = other[name]
+        elif isinstance(obj, torch.Generator):
+            obj.set_state(other[name].get_state())
+        else:
+            obj.load_state_dict(other[name].state_dict())
+    ns["step"], ns["cfg"] = 99, None
+    result = ckpt.load("t", ns)
+    assert result.rng and set(result.names) == set(ns)
+    after = snapshot(ns)
+    for name in before:
+        assert states_equal(before[name], after[name]), name
+    assert all(id(ns[k]) == v for k, v in live_ids.items())
+
+
+def test_layout_one_file_per_object_and_metadata(ckpt, root):
+    ckpt.save("t", objects(0), note="hello", metrics={"loss": 0.25}, step=3)
+    tag = root / "t"
+    assert sorted(p.name for p in (tag / "objects").iterdir()) == sorted(f"{n}.pt" for n in objects(0))
+    assert (tag / "rng.pt").is_file()
+    manifest = json.loads((tag / "torchckpt-manifest.json").read_text())
+    meta = manifest["metadata"]
+    assert meta["format"] == "torchckpt-notebook/1" and meta["rng"] == "rng.pt"
+    assert (meta["step"], meta["note"], meta["metrics"]) == (3, "hello", {"loss": 0.25})
+    assert meta["objects"]["opt"] == {"kind": "optimizer", "file": "objects/opt.pt", "type": "torch.optim.adamw.AdamW"}
+    # plain torch.load reads every file
+    sd = torch.load(tag / "objects" / "model.pt", weights_only=True)
+    assert set(sd) == set(objects(0)["model"].state_dict())
+
+
+def test_loading_one_object_reads_only_its_file(ckpt, monkeypatch):
+    ns = objects(0)
+    ckpt.save("t", ns)
+    read = []
+    real = ckpt.store.load
+    monkeypatch.setattr(ckpt.store, "load", lambda tag, rel, **k: read.append(rel) or real(tag, rel, **k))
+    r = ckpt.load("t", ns, ["model"])
+    assert read == ["objects/model.pt"] and not r.rng
+    read.clear()
+    ckpt.load("t", ns, ["model"], rng=True)
+    assert read == ["objects/model.pt", "rng.pt"]
+
+
+def test_default_tags(ckpt, root):
+    assert ckpt.save(None, {"x": 1}, step=5).tag == "step-5"
+    assert ckpt.save(None, {"x": 1}, step=5).tag == "step-5-2"
+    assert ckpt.save(None, {"x": 1}).tag.startswith("ckpt-")
+
+
+def test_resaving_a_tag_replaces_it_entirely(ckpt, root):
+    ckpt.save("t", {"a": 1, "b": 2})
+    r = ckpt.save("t", {"a": 3})
+    assert r.replaced
+    assert sorted(p.name for p in (root / "t" / "objects").iterdir()) == ["a.pt"]
+    assert ckpt.verify("t").ok
+
+
+def test_case_insensitive_name_clash_gets_distinct_files(ckpt, root):
+    ckpt.save("t", {"Model": 1, "model": 2})
+    ns = {}
+    ckpt.load("t", ns)
+    assert ns == {"Model": 1, "model": 2}
+
+
+@pytest.mark.parametrize(
+    ("tag", "objs", "kw", "error", "message"),
+    [
+        ("t", {"f": lambda: 1}, {}, NotCheckpointableError, "'f' is a builtins.function"),
+        ("t", {}, {}, NotCheckpointableError, "nothing to save"),
+        ("a/b", {"x": 1}, {}, InvalidTagError, "path separator"),
+        ("t", {"x": 1}, {"metrics": {"m": object()}}, ManifestError, "not plain JSON"),
+        ("t", {"u": Unpicklable()}, {}, NotCheckpointableError, "could not save 'u'"),
+    ],
+)
+def test_bad_saves_leave_nothing_behind(ckpt, root, tag, objs, kw, error, message):
+    ckpt.save("good", {"x": 1})
+    with pytest.raises(error, match=message):
+        ckpt.save(tag, objs, **kw)
+    assert ckpt.tags() == ["good"] and ckpt.store.latest() == "good"
+
+
+def test_no_commit_then_commit_with_new_metadata(ckpt, root):
+    r = ckpt.save("t", {"x": 1}, commit=False, note="old")
+    assert r.status == "uncommitted" and ckpt.pending() == ["t"]
+    assert ckpt.store.info("t").in_flight  # gc and rm leave it alone
+    assert ckpt.gc().removed == []
+    with pytest.raises(IncompleteCheckpointError):
+        ckpt.load("t", {})
+    with pytest.raises(CheckpointInUseError, match="not committed yet"):
+        ckpt.remove("t")
+    c = ckpt.commit("t", note="new", metrics={"loss": 1})
+    assert c.committed and ckpt.pending() == []
+    assert ckpt.info("t").info.metadata["note"] == "new"
+    assert ckpt.commit("t").committed  # committing again is harmless
+
+
+def test_async_save_commits_in_background_and_reports_once(ckpt):
+    ns = objects(0)
+    expected = ns["weights"].clone()
+    r = ckpt.save("a", ns, async_save=True)
+    assert r.status == "committing"
+    ns["weights"].zero_()  # the snapshot was taken at save time
+    outcomes = ckpt.wait()
+    assert [o.tag for o in outcomes] == ["a"] and outcomes[0].committed
+    assert ckpt.poll() == []
+    fresh = {"weights": torch.zeros(5)}
+    ckpt.load("a", fresh, ["weights"])
+    assert torch.equal(fresh["weights"], expected)
+
+
+def test_async_no_commit_then_commit_waits(ckpt):
+    ckpt.save("a", objects(0), async_save=True, commit=False)
+    assert ckpt.pending() == ["a"]
+    assert ckpt.commit("a").committed
+    assert ckpt.verify("a").ok
+
+
+def test_async_failure_is_reported_by_poll_and_raised_by_commit(ckpt, root):
+    ckpt.save("ok", {"x": 1})
+    ckpt.save("bad", {"u": Unpicklable()}, async_save=True)
+    outcome = ckpt.wait()
+    assert outcome[0].status == "failed" and "bad" in ckpt.pending()
+    assert "FAILED" in outcome[0].to_text()
+    with pytest.raises(WriteError, match=r"objects/u.pt in the background failed: .*Can't pickle"):
+        ckpt.commit("bad")
+    assert ckpt.pending() == [] and ckpt.store.latest() == "ok"
+    assert not (root / "bad").exists()
+
+
+def test_async_failure_is_raised_by_close_when_never_reported(root):
+    c = Checkpointer(root)
+    c.save("bad", {"u": Unpicklable()}, async_save=True)
+    with pytest.raises(WriteError, match="Can't pickle"):
+        c.close()
+
+
+def test_load_waits_for_an_async_save_of_that_tag(ckpt):
+    ckpt.save("a", {"x": 5}, async_save=True)
+    ns = {}
+    ckpt.load("a", ns)
+    assert ns == {"x": 5}
+
+
+def test_commit_errors(ckpt, root):
+    with pytest.raises(TagNotFoundError):
+        ckpt.commit("nope")
+    (root / "orphan").mkdir(parents=True)
+    with pytest.raises(IncompleteCheckpointError, match="not saved by this kernel"):
+        ckpt.commit("orphan")
+
+
+def test_load_errors_name_the_problem_and_change_nothing(ckpt):
+    ns = objects(0)
+    ckpt.save("t", ns)
+    with pytest.raises(ObjectNotFoundError, match="has no object 'modle'; did you mean 'model'"):
+        ckpt.load("t", ns, ["modle"])
+    with pytest.raises(TagNotFoundError, match="did you mean 't'"):
+        ckpt.load("tt", ns)
+    before = snapshot(ns)
+    ns["model"] = torch.nn.Linear(4, 8)
+    with pytest.raises(RestoreError, match="nothing was restored: model: missing keys"):
+        ckpt.load("t", ns)
+    assert states_equal(before["opt"], snapshot(ns)["opt"]) and ns["step"] == 10
+
+
+def test_load_of_a_non_notebook_tag_is_refused(ckpt):
+    with ckpt.store.transaction("raw") as tx:
+        tx.write("model.pt", {"w": torch.ones(1)})
+        tx.commit()
+    with pytest.raises(IncompleteCheckpointError, match="not saved from a notebook"):
+        ckpt.load("raw", {})
+
+
+def test_into_and_map_location(ckpt):
+    ns = objects(0)
+    ckpt.save("t", ns)
+    ckpt.load("latest", ns, ["model"], into="old", map_location="auto")
+    assert ns["old"] is not ns["model"]
+    ckpt.load("t", ns, ["opt"], into="opt_state", map_location="cpu")
+    assert set(ns["opt_state"]) == {"state", "param_groups"}
+
+
+def test_progress_callback_and_bar(ckpt, monkeypatch):
+    import tqdm.auto
+
+    seen = []
+    ckpt.save("t", {"w": torch.zeros(1000)}, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (4000, 4000)
+    bars = []
+
+    class FakeBar:
+        def __init__(self, total, **kw):
+            bars.append(kw["desc"])
+
+        def update(self, n): ...
+
+        def close(self): ...
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    ckpt.load("t", {"w": torch.zeros(1000)})
+    assert bars == []  # small: no bar
+    ckpt.load("t", {"w": torch.zeros(1000)}, progress=True)
+    assert bars == ["load t"]
+    small = Checkpointer(ckpt.root, progress_min_bytes=1000)
+    small.save("u", {"w": torch.zeros(1000)})
+    assert bars == ["load t", "save u"]
+    small.close()
+
+
+def test_list_info_verify_remove_gc_render(ckpt, root):
+    ckpt.save("a", {"x": 1}, metrics={"loss": 0.125}, note="first")
+    ckpt.save("b", {"x": 2})
+    ckpt.save("c", {"x": 3}, commit=False)
+    listing = ckpt.list()
+    assert listing.tags == ["a", "b", "c"] and listing.pending == ["c"]
+    text = listing.to_text()
+    assert "loss=0.125" in text and "first" in text and "pending" in text
+    assert "<table" in listing._repr_html_() and repr(listing).startswith("<TagList 3 tags")
+    info = ckpt.info("a")
+    assert "objects/x.pt" in info.to_text() and "note: first" in info.to_text() and "<table" in info.to_html()
+    assert repr(ckpt.verify("a")) == "<VerifyResult 'a' OK>"
+    with pytest.raises(CheckpointInUseError, match="is 'latest'"):
+        ckpt.remove("b")
+    assert ckpt.gc(keep_last=1, dry_run=True).removed == ["a"]
+    assert ckpt.gc(keep_last=1).removed == ["a"] and ckpt.tags() == ["b", "c"]
+    ckpt.commit("c")
+    assert ckpt.remove("b").removed == ["b"]
+
+
+def test_result_reprs_are_short_and_quiet_hides_the_table(ckpt):
+    r = ckpt.save("t", {"x": 1})
+    assert repr(r) == "<SaveResult 't' committed: x>"
+    assert "<table" in r._repr_html_()
+    r.quiet = True
+    assert r._repr_html_() is None
+    assert repr(ckpt.load("t", {})) == "<LoadResult 't': x + rng>"
+    assert isinstance(r, SaveResult)
+
+
+def test_parse_metrics():
+    assert parse_metrics(["loss=0.5", "n=3", "opt=adam"]) == {"loss": 0.5, "n": 3, "opt": "adam"}
+    for bad in ("loss", "=1", "x=nan", "x=inf"):
+        with pytest.raises(ValueError):
+            parse_metrics([bad])
+
+
+def test_closed_checkpointer_refuses_work(root):
+    c = Checkpointer(root)
+    c.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        c.save("t", {"x": 1})
+
+
+def test_concurrent_saves_from_threads_all_commit(ckpt):
+    errors = []
+
+    def work(i):
+        try:
+            ckpt.save(f"t{i}", {"w": torch.full((100,), float(i))}, async_save=i % 2 == 0)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ckpt.wait()
+    assert errors == [] and sorted(ckpt.tags()) == [f"t{i}" for i in range(6)]
+    assert all(ckpt.verify(f"t{i}").ok for i in range(6))
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------------
+def test_deepspeed_engine_is_saved_through_its_own_save_checkpoint(ds_dist, ckpt, root):
+    import deepspeed
+
+    import torchckpt
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        config = {"train_batch_size": 4, "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+                  "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+        return engine
+
+    def train(engine, n):
+        out = []
+        for _ in range(n):
+            x = torch.randn(4, 8)
+            loss = (engine(x) ** 2).mean()
+            engine.backward(loss)
+            engine.step()
+            out.append(loss.item())
+        return out
+
+    engine = make(0)
+    ns = {"engine": engine, "note": "ds"}
+    train(engine, 2)
+    found = ckpt.checkpointable({**ns, "model": engine.module, "optimizer": engine.optimizer})
+    assert list(found) == ["engine", "note"]
+    r = ckpt.save(None, found, step=infer_step(ns))
+    assert r.tag == "step-2" and isinstance(engine.checkpoint_engine, torchckpt.TorchCheckpointEngine)
+    files = ckpt.store.info("step-2").manifest.files
+    assert "mp_rank_00_model_states.pt" in files and "objects/note.pt" in files and "rng.pt" in files
+    reference = train(engine, 2)
+    other = make(1)
+    ns2 = {"engine": other, "note": "changed"}
+    ckpt.load("step-2", ns2)
+    assert ns2["note"] == "ds" and other.global_steps == 2
+    assert train(other, 2) == reference
+    d = ckpt.diff("step-2", "step-2")
+    assert d.identical and any(k.startswith("mp_rank_00_model_states.pt/") for k in d.deltas)
+
+
+# -- GPU ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_checkpoint_loads_on_cpu_and_back(ckpt):
+    model = torch.nn.Linear(4, 2).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4, device="cuda")).sum().backward()
+    opt.step()
+    ckpt.save("g", {"model": model, "opt": opt, "t": torch.ones(3, device="cuda")})
+    cpu_model = torch.nn.Linear(4, 2)
+    cpu_ns = {"model": cpu_model, "opt": torch.optim.Adam(cpu_model.parameters()), "t": torch.zeros(3)}
+    ckpt.load("g", cpu_ns, map_location="cpu")
+    assert torch.equal(cpu_model.weight, model.weight.cpu()) and cpu_ns["t"].device.type == "cpu"
+    new = {}
+    ckpt.load("g", new, ["t"], map_location="cuda:0")
+    assert new["t"].device == torch.device("cuda:0")
+    ckpt.save("g-async", {"model": model}, async_save=True)
+    assert ckpt.commit("g-async").committed
+    sd = ckpt.store.load("g-async", "objects/model.pt")
+    assert sd["weight"].device.type == "cuda"  # saved locations are kept
