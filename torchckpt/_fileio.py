@@ -59,6 +59,9 @@ class HashingWriter:
         self._fd = fd
         self._every = writeback_every
         self._started = 0  # bytes whose write-out has been started
+        #: The first OSError of the underlying file: the real cause when a caller (torch's zip
+        #: writer) reports the failure as something else.
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         view = memoryview(data)
@@ -74,7 +77,11 @@ class HashingWriter:
 
     def _put(self, view: memoryview) -> None:
         self._hash.update(view)
-        self._raw.write(view)
+        try:
+            self._raw.write(view)
+        except OSError as e:
+            self.error = self.error or e
+            raise
         self.size += len(view)
         if self._fd is not None and self.size - self._started >= self._every:
             self._raw.flush()
@@ -82,7 +89,11 @@ class HashingWriter:
             self._started = self.size
 
     def flush(self) -> None:
-        self._raw.flush()
+        try:
+            self._raw.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def writable(self) -> bool:
         return True
@@ -175,8 +186,9 @@ def atomic_writer(final: Path, *, buffering: int = 1 << 20) -> Iterator[HashingW
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise WriteError(e.errno, describe_os_error(e, final)) from e
+        cause = e if isinstance(e, OSError) else writer.error  # torch may wrap it in a RuntimeError
+        if cause is not None and not isinstance(e, WriteError):
+            raise WriteError(cause.errno, describe_os_error(cause, final)) from e
         raise
     writer.result = WrittenFile(final, writer.size, writer.checksum)  # type: ignore[attr-defined]
 

@@ -9,6 +9,7 @@ caller in ``allow``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -69,7 +70,16 @@ def save(obj: Any, stream) -> None:
     # torch.save's own steps, with a writer of our own instead of the global crc32 setting
     # (a process-wide flag that other threads' torch.save calls would see).
     writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
-    torch.serialization._save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    try:
+        torch.serialization._save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    except BaseException:
+        # An unfinished C++ writer finishes the zip in its destructor; after a failed write
+        # (disk full, file too large) that throws inside the destructor, and std::terminate
+        # aborts the whole process - a dead kernel. Finishing it now, ignoring its own error,
+        # marks it finished, so the original error reaches the caller instead.
+        with contextlib.suppress(Exception):
+            writer.write_end_of_file()
+        raise
     writer.write_end_of_file()
     stream.flush()
 
