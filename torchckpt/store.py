@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import filelock
 
-from . import serialization
 from ._fileio import atomic_writer, checksum_file, fsync_dir, is_tmp_name, write_bytes_atomic
 from .errors import (
     CheckpointInUseError,
@@ -53,6 +52,7 @@ from .manifest import (
 )
 
 if TYPE_CHECKING:
+    from . import serialization
     from .async_writer import AsyncWriter
 
 logger = logging.getLogger(__name__)
@@ -364,6 +364,8 @@ class CheckpointStore:
                 )
         elif not path.is_file():
             raise TagNotFoundError(f"checkpoint {tag!r} has no file {relpath!r}")
+        from . import serialization  # imports torch: not needed to list, verify or delete
+
         return serialization.load(path, map_location=map_location, allow=allow, trusted=trusted, mmap=mmap)
 
     # -- writing -----------------------------------------------------------------------------
@@ -567,6 +569,8 @@ class Transaction:
         if self.writer is not None:
             self._pending.append(self.writer.submit(final, obj, on_done=lambda w, r=relpath: self._record(r, w)))
             return
+        from . import serialization
+
         with atomic_writer(final) as stream:
             serialization.save(obj, stream)
         self._record(relpath, stream.result)
@@ -684,7 +688,15 @@ class Transaction:
             )
             write_manifest(self.dir, manifest)
             if save_latest:
-                self.store.set_latest(self.tag)
+                try:
+                    self.store.set_latest(self.tag)
+                except BaseException:
+                    # The caller is told the commit failed (disk full while writing `latest`),
+                    # so it must not have happened: un-commit, durably.
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.dir / MANIFEST_NAME)
+                        fsync_dir(self.dir)
+                    raise
         for rank in range(self.coordinator.world_size):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / RANK_PART.format(rank=rank))
