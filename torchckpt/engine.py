@@ -118,7 +118,13 @@ class TorchCheckpointEngine(CheckpointEngine):
         if "metadata" in options:
             options["metadata"] = tuple(dict(options["metadata"]).items())
         self.options = EngineOptions(**options)
-        self._writer = AsyncWriter(max_inflight_bytes=self.options.max_inflight_bytes) if self.options.async_save else None
+        # keep_device=False: files hold CPU tensors, as after DeepSpeed's own clone_tensors_for_torch_save
+        # (which it skips for us: preserves_storage_sharing() is False in async mode).
+        self._writer = (
+            AsyncWriter(max_inflight_bytes=self.options.max_inflight_bytes, keep_device=False)
+            if self.options.async_save
+            else None
+        )
         self._tx: Transaction | None = None
         self._info: CheckpointCommitInfo | None = None
         self._manifests: dict[Path, Any] = {}
