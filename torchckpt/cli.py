@@ -9,12 +9,13 @@ deepspeed; deepspeed only when a checkpoint being loaded needs its classes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .errors import (
@@ -78,9 +79,17 @@ def _store(root: str, *, must_exist: bool = True):
     return CheckpointStore(path)
 
 
+#: Where results go: the real stdout. While a command runs, sys.stdout points at stderr, so that
+#: whatever a library prints (DeepSpeed logs to stdout when imported) never mixes into results.
+_results: TextIO | None = None
+
+
+def _echo(*parts: Any, sep: str = " ") -> None:
+    (_results or sys.stdout).write(sep.join(map(str, parts)) + "\n")
+
+
 def _print_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=1, default=str)
-    sys.stdout.write("\n")
+    _echo(json.dumps(doc, indent=1, default=str))
 
 
 def _plural(n: int, word: str) -> str:
@@ -97,9 +106,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _print_json([_format.record(i) for i in infos])
         return EXIT_OK
     if not infos:
-        print(f"no checkpoints in {store.root}")
+        _echo(f"no checkpoints in {store.root}")
         return EXIT_OK
-    print(_format.render_table([_format.row(i) for i in infos]))
+    _echo(_format.render_table([_format.row(i) for i in infos]))
     return EXIT_OK
 
 
@@ -165,8 +174,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append("versions:   " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))
         meta = dict(m.metadata)
         for key in ("step", "metrics", "note"):
-            if meta.get(key) is not None:
-                value = meta.pop(key)
+            value = meta.pop(key, None)
+            if value is not None:
                 lines.append(f"{key + ':':<11} {_format.format_metrics(value) if key == 'metrics' else value}")
         if meta:
             lines.append(f"metadata:   {json.dumps(meta, sort_keys=True, default=str)}")
@@ -184,7 +193,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines.append(_format.render_table(rows, ("file", "size", "format", "tensors", "checksum")))
     for rel, s in structures.items():
         lines += ["", *_render_structure(rel, s, all_values=args.all_values)]
-    print("\n".join(lines))
+    _echo("\n".join(lines))
     return EXIT_PROBLEM if failed else EXIT_OK
 
 
@@ -251,14 +260,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _print_json({"ok": not bad, "checkpoints": results})
     else:
         if not results:
-            print(f"no checkpoints in {store.root}")
+            _echo(f"no checkpoints in {store.root}")
         for r in results:
             if r["status"] == "ok":
-                print(f"ok       {r['tag']} ({_plural(r['files_checked'], 'file')})")
+                _echo(f"ok       {r['tag']} ({_plural(r['files_checked'], 'file')})")
             elif r["status"] == "skipped":
-                print(f"skipped  {r['tag']}: {r['reason']}")
+                _echo(f"skipped  {r['tag']}: {r['reason']}")
             for p in r["problems"]:
-                print(f"PROBLEM  {r['tag']}: {p}")
+                _echo(f"PROBLEM  {r['tag']}: {p}")
         if bad:
             n = sum(len(r["problems"]) for r in bad)
             print(f"{_plural(n, 'problem')} in {_plural(len(bad), 'checkpoint')} of {len(results)}", file=sys.stderr)
@@ -270,7 +279,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     store = _store(args.root)
     for tag in args.tags:
         store.delete(tag, allow_latest=args.force)
-        print(f"removed {tag}")
+        _echo(f"removed {tag}")
     return EXIT_OK
 
 
@@ -285,14 +294,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would remove" if plan.dry_run else "removed"
     if plan.committed:
-        print(f"{verb} {_plural(len(plan.committed), 'old checkpoint')}: {', '.join(plan.committed)}")
+        _echo(f"{verb} {_plural(len(plan.committed), 'old checkpoint')}: {', '.join(plan.committed)}")
     if plan.incomplete:
-        print(f"{verb} {_plural(len(plan.incomplete), 'incomplete checkpoint')}: {', '.join(plan.incomplete)}")
+        _echo(f"{verb} {_plural(len(plan.incomplete), 'incomplete checkpoint')}: {', '.join(plan.incomplete)}")
     if plan.leftovers:
-        print(f"{verb} {_plural(len(plan.leftovers), 'leftover')} of interrupted writes and deletions")
+        _echo(f"{verb} {_plural(len(plan.leftovers), 'leftover')} of interrupted writes and deletions")
     if not (plan.committed or plan.incomplete or plan.leftovers):
-        print("nothing to remove")
-    print(f"kept {len(plan.kept)}: {', '.join(plan.kept) if plan.kept else '-'}")
+        _echo("nothing to remove")
+    _echo(f"kept {len(plan.kept)}: {', '.join(plan.kept) if plan.kept else '-'}")
     return EXIT_OK
 
 
@@ -317,7 +326,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             "value_changes": result.value_changes, "metadata_changes": result.metadata_changes,
         })  # fmt: skip
     else:
-        print(result.to_text())
+        _echo(result.to_text())
     return EXIT_OK if result.identical else EXIT_PROBLEM
 
 
@@ -334,7 +343,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.skipped:
         shown = ", ".join(result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
         print(f"torchckpt: note: left out {_plural(len(result.skipped), 'non-tensor entry')}: {shown}", file=sys.stderr)
-    print(f"exported {_plural(result.tensors, 'tensor')} ({_format.human_size(result.nbytes)}) "
+    _echo(f"exported {_plural(result.tensors, 'tensor')} ({_format.human_size(result.nbytes)}) "
           f"from {args.tag}/{result.source} to {result.path}")  # fmt: skip
     return EXIT_OK
 
@@ -349,7 +358,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     store = _store(args.root, must_exist=False)
     manifest = import_safetensors(store, src, args.tag, key=args.key, note=args.note, save_latest=not args.no_latest)
     rec = next(iter(manifest.files.values()))
-    print(f"imported {src} as {manifest.tag}/{rec.path} ({_format.human_size(rec.size)}), committed")
+    _echo(f"imported {src} as {manifest.tag}/{rec.path} ({_format.human_size(rec.size)}), committed")
     return EXIT_OK
 
 
@@ -363,11 +372,11 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         raise CliError("give the TAG to adopt, or --all for every checkpoint DeepSpeed's own engine wrote")
     tags = adoptable(store) if args.all else [args.tag]
     if args.all and not tags:
-        print(f"nothing to adopt in {store.root}: every checkpoint has a manifest")
+        _echo(f"nothing to adopt in {store.root}: every checkpoint has a manifest")
     for tag in tags:
         manifest = adopt(store, tag, allow=args.allow, trusted=args.trusted, note=args.note)
         step = manifest.metadata.get("step")
-        print(f"adopted {tag}: {_plural(len(manifest.files), 'file')} loaded and checksummed, manifest written"
+        _echo(f"adopted {tag}: {_plural(len(manifest.files), 'file')} loaded and checksummed, manifest written"
               + (f" (step {step})" if step is not None else ""))  # fmt: skip
     return EXIT_OK
 
@@ -501,12 +510,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         sys.stderr.write("torchckpt: error: no command given; see 'torchckpt --help' (ls, info, verify, diff, ...)\n")
         return EXIT_USAGE
-    warnings.showwarning = _show_warning
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args: argparse.Namespace) -> int:
+    global _results
     for stream in (sys.stdout, sys.stderr):  # tags and notes may hold any character; never crash on them
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    _results = sys.stdout
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
     except CliError as e:
         return _fail(args, e, EXIT_USAGE)
     except _USER_ERRORS as e:
@@ -533,6 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(args, f"internal error {type(e).__name__}: {e}; rerun with --debug for a traceback and report it",
                      EXIT_PROBLEM)  # fmt: skip
+    finally:
+        _results = None
 
 
 def _fail(args: argparse.Namespace, error: BaseException | str, code: int) -> int:

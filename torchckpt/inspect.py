@@ -626,7 +626,9 @@ def foreign_globals(structure: FileStructure) -> dict[str, str]:
     ``"allowed"``: on torchckpt's shipped allowlist; ``"needs --allow"``: safe loading refuses
     the file unless the caller allows it (``allow=[...]``, ``--allow``) or trusts the file.
     """
-    from .serialization import DEFAULT_ALLOWLIST
-
     extra = [g for g in structure.globals if not g.startswith("torch.") and g not in _TORCH_OWN]
+    if not extra:
+        return {}
+    from .serialization import DEFAULT_ALLOWLIST  # imports torch
+
     return {g: "allowed" if g in DEFAULT_ALLOWLIST else "needs --allow" for g in extra}

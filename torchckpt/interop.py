@@ -206,11 +206,10 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
     """
     files = _files_of(store, tag)
     manifest = read_manifest(store.root / tag)
-    objects = manifest.metadata.get("objects") if manifest is not None else None
-    objects = objects if isinstance(objects, dict) else {}
-    saved = objects.get(key)
-    if isinstance(saved, dict) and saved.get("file") in files:  # a notebook save: objects/<key>.pt
-        return saved["file"], []
+    listed = manifest.metadata.get("objects") if manifest is not None else None
+    objects = {n: o["file"] for n, o in listed.items() if isinstance(o, dict) and o.get("file") in files} if isinstance(listed, dict) else {}
+    if key in objects:  # a notebook save: objects/<key>.pt
+        return objects[key], []
     by_name = [f for f in files if f == key or (Path(f).stem == key and Path(f).suffix in _WEIGHT_SUFFIXES)]
     if len(by_name) == 1:
         return by_name[0], []
@@ -225,6 +224,8 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
                 f"checkpoint {tag!r} splits the model over {len(ds)} files ({', '.join(ds[:3])}...: tensor or pipeline "
                 "parallel); export handles one model file - consolidate the checkpoint first"
             )
+    if objects:  # a notebook save: its objects are what there is to export
+        raise ExportError(f"checkpoint {tag!r} has no object {key!r}; --key can be one of: {', '.join(sorted(objects))}")
     holders = []
     tops: set[str] = set()
     for f in files:
@@ -237,7 +238,7 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
         return holders[0], [key]
     if len(holders) > 1:
         raise ExportError(f"checkpoint {tag!r} has {key!r} in several files ({', '.join(holders)}); name one as --key FILE")
-    names = sorted({n for n, o in objects.items() if isinstance(o, dict) and o.get("file")} | {Path(f).stem for f in files} | tops)
+    names = sorted({Path(f).stem for f in files} | tops)
     raise ExportError(f"checkpoint {tag!r} has no {key!r} weights; --key can be one of: {', '.join(names) or '(none)'}")
 
 
