@@ -18,6 +18,12 @@ class Result:
 
     quiet: bool
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # IPython's pretty printer takes the first of _repr_pretty_/__repr__ it finds walking
+        # the MRO: each result defines __repr__, so each needs _repr_pretty_ of its own.
+        cls._repr_pretty_ = Result._repr_pretty_
+
     def _repr_html_(self) -> str | None:
         return None if self.quiet else self.to_html()
 

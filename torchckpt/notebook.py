@@ -190,6 +190,14 @@ class LoadResult(_Result):
         return "\n".join([text] + [f"note: {n}" for n in self.notes])
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies inside it (shorter, and stable)."""
+    try:
+        return path.relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
 def _objects_of(info: CheckpointInfo) -> dict[str, dict[str, Any]]:
     objs = info.metadata.get("objects")
     return objs if isinstance(objs, dict) else {}
@@ -231,13 +239,13 @@ class TagList(_Result):
 
     def to_html(self) -> str:
         if not self.infos:
-            return _render.html_lines([f"no checkpoints in {self.root}"])
-        return _render.html_table(self._HEADERS, self._rows(), title=str(self.root))
+            return _render.html_lines([f"no checkpoints in {_shown(self.root)}"])
+        return _render.html_table(self._HEADERS, self._rows(), title=_shown(self.root))
 
     def to_text(self) -> str:
         if not self.infos:
-            return f"no checkpoints in {self.root}"
-        return _render.text_table(self._HEADERS, self._rows(), title=str(self.root))
+            return f"no checkpoints in {_shown(self.root)}"
+        return _render.text_table(self._HEADERS, self._rows(), title=_shown(self.root))
 
 
 @dataclass
