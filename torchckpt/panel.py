@@ -247,7 +247,8 @@ class CheckpointPanel:
         self.status = w.HTML("ready")
         self.status.add_class("torchckpt-status")
         self.clear_log_button = button("Clear log", "torchckpt-clear-log", "empty the log below")
-        self.log = w.Output(layout=w.Layout(max_height="180px", overflow="auto", border="1px solid #ddd"))
+        self.log = w.Output(layout=w.Layout(width="100%", min_height="24px", max_height="180px", overflow="auto",
+                                            border="1px solid #ddd"))
         self.log.add_class("torchckpt-log")
 
         self.refresh_button.on_click(self._on_refresh)
@@ -274,8 +275,8 @@ class CheckpointPanel:
             w.HBox([self.save_button, self.load_button, self.map_location, self.commit_button,
                     self.verify_button, self.diff_button, self.delete_button], layout=w.Layout(align_items="center")),
             self.confirm_box,
-            w.HBox([self.progress, self.status], layout=w.Layout(align_items="center")),
-            w.HBox([self.log, self.clear_log_button], layout=w.Layout(align_items="flex-start")),
+            w.HBox([self.progress, self.status, self.clear_log_button], layout=w.Layout(align_items="center")),
+            self.log,
         ], layout=w.Layout(border="1px solid #ccc", padding="6px"))
         self.widget.add_class("torchckpt-panel")
 
@@ -590,6 +591,7 @@ class CheckpointPanel:
             self._set_idle()
             raise
         self.tag_input.value = self.checkpointer.default_tag(self._step())
+        self.note_input.value = self.metrics_input.value = ""
         self._selected = [tag]
         self._safely("refresh", self.refresh)
         self.select(tag)
@@ -625,7 +627,7 @@ class CheckpointPanel:
         if "error" in outcome:
             raise outcome["error"]
         result = outcome["result"]
-        size = _format.human_size(result.size) if result.size is not None else "?"
+        size = _format.human_size(self.checkpointer.store.info(tag).size)
         self._say(f"saved {tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
 
     @_handler("load")
