@@ -216,7 +216,7 @@ def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
     values = s.values if limit is None else s.values[:limit]
     if values:
         out.append("  other values:")
-        out += [f"    {v.name} = {v.value}" if v.type in _SIMPLE else f"    {v.name}: {v.value}" for v in values]
+        out += [f"    {v.name}: {v.value}" if "." in v.type else f"    {v.name} = {v.value}" for v in values]
         if len(s.values) > len(values):
             out.append(f"    ... {len(s.values) - len(values)} more (--all-values or --json lists them)")
     extra = foreign_globals(s)
@@ -224,9 +224,6 @@ def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
         out.append("  classes beyond torch's own: " + ", ".join(f"{name} ({how})" for name, how in extra.items()))
     out += [f"  note: {n}" for n in s.notes]
     return out
-
-
-_SIMPLE = {"int", "float", "bool", "str", "NoneType", "bytes", "complex", "tuple", "list", "dict"}
 
 
 # -- verify --------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ _SAFETENSORS_DTYPES = {
 #: File names DeepSpeed's engines write into a tag directory.
 _DEEPSPEED_FILE = re.compile(
     r"^(mp_rank_\d+_model_states"
-    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states"
+    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states"
     r"|layer_\d+-model_\d+-model_states"
     r"|(expp_rank_\d+_)?mp_rank_\d+_optim_states"
     r"|(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states)\.pt$"

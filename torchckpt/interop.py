@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AdoptError", "ExportError", "ExportResult", "adopt", "adoptable", "export_safetensors", "import_safetensors"]
 
 _DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
+_ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
@@ -216,6 +218,8 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
     if len(by_name) > 1:
         raise ExportError(f"checkpoint {tag!r} has several files named {key!r}: {', '.join(by_name)}; pass the full file name as --key")
     if key in ("model", "module"):
+        if any(_ZERO3_MODEL_FILE.match(Path(f).name) for f in files):
+            raise ExportError(_zero3_message(tag))
         ds = [f for f in files if f.endswith("model_states.pt") and "optim" not in f]
         if _DEEPSPEED_MODEL_FILE in ds and len(ds) == 1:
             return _DEEPSPEED_MODEL_FILE, ["module"]
@@ -240,6 +244,14 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
         raise ExportError(f"checkpoint {tag!r} has {key!r} in several files ({', '.join(holders)}); name one as --key FILE")
     names = sorted({Path(f).stem for f in files} | tops)
     raise ExportError(f"checkpoint {tag!r} has no {key!r} weights; --key can be one of: {', '.join(names) or '(none)'}")
+
+
+def _zero3_message(tag: str) -> str:
+    return (
+        f"checkpoint {tag!r} was saved with ZeRO stage 3: its weights are partitioned over the optimizer files; "
+        "consolidate them with DeepSpeed's zero_to_fp32.py (in the checkpoint root) into a safetensors file "
+        "(--safe_serialization) and `torchckpt import` that"
+    )
 
 
 def flatten_tensors(obj: Any, prefix: str = "") -> tuple[dict[str, Any], list[str]]:
@@ -326,11 +338,7 @@ def export_safetensors(
     if inner == ["module"] and isinstance(obj, Mapping):
         stage = ((obj.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
         if stage == 3:
-            raise ExportError(
-                f"checkpoint {tag!r} was saved with ZeRO stage 3: its weights are partitioned over the optimizer "
-                "files; consolidate them with DeepSpeed's zero_to_fp32.py (in the checkpoint root), then "
-                "`torchckpt import` the result"
-            )
+            raise ExportError(_zero3_message(tag))
     for part in inner:
         obj = obj[part]
     tensors, skipped = flatten_tensors(obj)
