@@ -325,7 +325,9 @@ class RestorePlan:
         if step.action == "into":
             if step.kind == "module" and step.live is not None:
                 new = copy.deepcopy(step.live)
-                new.load_state_dict(step.saved, strict=step.strict)
+                # assign: the copy takes the loaded tensors themselves, so it lives where
+                # map_location put them (a CPU copy of a GPU model), without a second copy.
+                new.load_state_dict(step.saved, strict=step.strict, assign=True)
             else:
                 new = _materialise(step.kind, step.saved, None)
             had, old = name in ns, ns.get(name)
