@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     (work / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    env["DS_ACCELERATOR"] = "cpu"  # two gloo ranks on the CPU, GPU or not
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", str(work / "job.json")],
