@@ -43,6 +43,7 @@ BROWSER_ARGS = [
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.timeout(300),
     pytest.mark.skipif(
         not CHROMIUM.exists(),
         reason=f"needs Debian's chromium at {CHROMIUM} (`apt-get install chromium`; ./dev test installs it as root)",
@@ -70,7 +71,7 @@ def _artifact_dir(tmp_path: Path) -> Path:
 @contextlib.contextmanager
 def jupyter_lab(workdir: Path, notebooks: Path) -> Iterator[tuple[str, str, Path]]:
     """Run JupyterLab on 127.0.0.1:PORT serving ``notebooks``; yield (base url, token, log path)."""
-    dirs = {name: workdir / name for name in ("settings", "workspaces", "config", "runtime")}
+    dirs = {name: workdir / name for name in ("settings", "workspaces", "config", "runtime", "data", "tmp")}
     for d in dirs.values():
         d.mkdir(parents=True)
     for plugin, values in LAB_SETTINGS.items():
@@ -84,6 +85,8 @@ def jupyter_lab(workdir: Path, notebooks: Path) -> Iterator[tuple[str, str, Path
         JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]),
         JUPYTER_CONFIG_DIR=str(dirs["config"]),
         JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
+        JUPYTER_DATA_DIR=str(dirs["data"]),  # no user kernelspec can shadow this interpreter's
+        TMPDIR=str(dirs["tmp"]),  # the notebook's tempfile.mkdtemp() root is removed with tmp_path
         # The kernel runs `python`; jupyter_client maps that to sys.executable, but keep the
         # interpreter's directory first on PATH so anything else it spawns is ours too.
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -192,6 +195,8 @@ def test_panel_save_and_load_in_jupyterlab(tmp_path):
             )  # fmt: skip
             assert f"prefix: {sys.prefix}" in "".join(out)
 
+            # Two panels: CheckpointPanel(...) from Python, then `%ckpt ui` at the end.
+            expect(page.locator(".torchckpt-panel")).to_have_count(2)
             panel = page.locator(".torchckpt-panel").first
             expect(panel).to_be_visible()
             # The notebook's own cells saved "demo" through the panel's Python handle.
