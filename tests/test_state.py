@@ -75,12 +75,20 @@ def test_kind_of_every_supported_kind():
     for kind, obj in cases.items():
         assert kind_of(obj) == kind, kind
     assert isinstance(Counter(), Stateful)
+    assert kind_of(_nested(50)) == "value"
+
+
+def _nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 @pytest.mark.parametrize(
     "obj",
-    [len, lambda: 1, torch.nn.Linear, types, object(), np.array(["a"], dtype=object), np.float64(1.0),
-     {1.5: "float key"}, [object()], Counter],
+    [len, lambda: 1, torch.nn.Linear, types, torch.ops, object(), np.array(["a"], dtype=object), np.float64(1.0),
+     {1.5: "float key"}, [object()], Counter, _nested(200)],
 )
 def test_kind_of_refuses_what_cannot_be_saved_safely(obj):
     assert kind_of(obj) is None
@@ -91,6 +99,11 @@ def test_require_kind_names_the_object_and_the_fix():
         require_kind("blob", object())
 
 
+class Broken:
+    def __getattr__(self, name):
+        raise RuntimeError("lookups fail")
+
+
 def test_checkpointable_skips_private_ipython_functions_aliases_large_values_and_engine_parts():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -98,7 +111,7 @@ def test_checkpointable_skips_private_ipython_functions_aliases_large_values_and
     ns = {
         "model": model, "alias": model, "_hidden": torch.ones(1), "In": [""], "Out": {}, "get_ipython": print,
         "fn": lambda: 1, "np": np, "big": list(range(20_000)), "lr": 0.1, "name": "run1",
-        "counter": Counter(), "engine": engine, "opt": opt,
+        "counter": Counter(), "engine": engine, "opt": opt, "broken": Broken(),
     }
     found = checkpointable(ns)
     assert list(found) == ["lr", "name", "counter", "engine"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -62,17 +63,17 @@ def is_deepspeed_engine(obj: Any) -> bool:
     )
 
 
-def _is_plain(value: Any, budget: list[int]) -> bool:
+def _is_plain(value: Any, budget: list[int], depth: int = 0) -> bool:
     budget[0] -= 1
-    if budget[0] < 0:
+    if budget[0] < 0 or depth > 100:
         return False
     # Exact types: a subclass (numpy.float64, an IntEnum) would pickle a global safe loading refuses.
     if value is None or type(value) in (bool, int, float, complex, str, bytes):
         return True
     if type(value) in (list, tuple, set, frozenset):
-        return all(_is_plain(v, budget) for v in value)
+        return all(_is_plain(v, budget, depth + 1) for v in value)
     if type(value) is dict:
-        return all(isinstance(k, (str, int)) and _is_plain(v, budget) for k, v in value.items())
+        return all(isinstance(k, (str, int)) and _is_plain(v, budget, depth + 1) for k, v in value.items())
     return False
 
 
@@ -84,7 +85,7 @@ def kind_of(obj: Any, *, max_items: int | None = None) -> str | None:
         max_items: plain lists/dicts with more elements than this are not checkpointable
             (None: no limit).
     """
-    if isinstance(obj, type) or callable(obj) and not isinstance(obj, (torch.nn.Module, Stateful)):
+    if isinstance(obj, (type, types.ModuleType)) or callable(obj) and not isinstance(obj, (torch.nn.Module, Stateful)):
         return None
     if is_deepspeed_engine(obj):
         return "deepspeed"
@@ -123,7 +124,11 @@ def checkpointable(namespace: Mapping[str, Any]) -> dict[str, Any]:
     for name, obj in namespace.items():
         if name.startswith("_") or name in _SKIP_NAMES or not name.isidentifier() or id(obj) in seen:
             continue
-        if kind_of(obj, max_items=MAX_AUTO_VALUE_ITEMS) is None:
+        try:
+            kind = kind_of(obj, max_items=MAX_AUTO_VALUE_ITEMS)
+        except Exception:  # noqa: BLE001 - an object whose attribute lookup fails is not state
+            kind = None
+        if kind is None:
             continue
         seen.add(id(obj))
         found[name] = obj
