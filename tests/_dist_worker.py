@@ -136,7 +136,8 @@ def resume(job: dict, out: dict) -> None:
     exclude = job.get("exclude_frozen", False)
 
     first = make_engine(stage, seed=0)
-    ours = torchckpt.install(first, **options)
+    first.save_non_zero_checkpoint = True  # as DeepSpeed's fast writer leaves it: every rank writes
+    ours = torchckpt.install(first, **options)  # ... and install() chooses again
     out["writes_model_states"] = bool(first.save_non_zero_checkpoint)
     train(first, 0, 3)
     first.save_checkpoint(str(root), tag="step3", client_state={"step": 3}, exclude_frozen_parameters=exclude)
