@@ -273,6 +273,7 @@ def check_resume(job: dict, *, committed_at_once: bool, stage: int) -> dict:
     return rank0
 
 
+@pytest.mark.distributed
 def test_zero1_two_ranks_resume_bit_identical_and_fail_together(tmp_path):
     job = run_job(tmp_path, "resume", stage=1)
     rank0 = check_resume(job, committed_at_once=True, stage=1)
@@ -284,6 +285,7 @@ def test_zero1_two_ranks_resume_bit_identical_and_fail_together(tmp_path):
     assert "0.weight" in rank0["saved_module_keys"]  # frozen parameters saved unless excluded
 
 
+@pytest.mark.distributed
 def test_zero2_async_under_torchrun_with_frozen_parameters_excluded(tmp_path):
     job = run_job(tmp_path, "resume", torchrun=True, stage=2, async_save=True, exclude_frozen=True)
     rank0 = check_resume(job, committed_at_once=False, stage=2)  # async: DeepSpeed commits at the next step
@@ -295,6 +297,7 @@ def test_zero2_async_under_torchrun_with_frozen_parameters_excluded(tmp_path):
     assert rank0["saved_module_keys"] == ["2.bias", "2.weight", "4.bias", "4.weight"]
 
 
+@pytest.mark.distributed
 def test_zero3_on_cpu_two_ranks_resume_bit_identical(tmp_path):
     job = run_job(tmp_path, "resume", stage=3)
     rank0 = check_resume(job, committed_at_once=True, stage=3)
@@ -306,6 +309,7 @@ def test_zero3_on_cpu_two_ranks_resume_bit_identical(tmp_path):
     }
 
 
+@pytest.mark.distributed
 def test_a_rank_killed_mid_save_leaves_no_commit_and_the_previous_tag_intact(tmp_path):
     victim = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     job = run_job(tmp_path, "kill", stage=1, commit_timeout=30.0, kill_file=victim)
@@ -329,6 +333,7 @@ def test_a_rank_killed_mid_save_leaves_no_commit_and_the_previous_tag_intact(tmp
 
 
 @pytest.mark.gpu
+@pytest.mark.distributed
 def test_map_location_per_rank_on_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
