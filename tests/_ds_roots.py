@@ -38,7 +38,9 @@ def make_engine(stage: int = 1):
 
 
 def write_root(engine, root: Path) -> Path:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
 
     import torchckpt
 

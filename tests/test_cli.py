@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ds_roots import OWN_TAGS, make_engine, write_root
 
 from torchckpt import CheckpointStore
 from torchckpt._format import COLUMNS
 from torchckpt.cli import main
-
-from _ds_roots import OWN_TAGS, make_engine, write_root
 
 pytest.importorskip("deepspeed")
 

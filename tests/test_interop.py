@@ -6,16 +6,26 @@ import shutil
 
 import pytest
 import torch
+from _ds_roots import OWN_TAGS, make_engine, write_root
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import torchckpt
 from torchckpt import CheckpointStore
-from torchckpt.errors import CheckpointInUseError, IncompleteCheckpointError, TagNotFoundError
-from torchckpt.interop import AdoptError, ExportError, adopt, adoptable, export_safetensors, import_safetensors
+from torchckpt.errors import (
+    CheckpointInUseError,
+    IncompleteCheckpointError,
+    TagNotFoundError,
+)
+from torchckpt.interop import (
+    AdoptError,
+    ExportError,
+    adopt,
+    adoptable,
+    export_safetensors,
+    import_safetensors,
+)
 from torchckpt.manifest import MANIFEST_NAME, read_manifest
-
-from _ds_roots import OWN_TAGS, make_engine, write_root
 
 pytest.importorskip("deepspeed")
 

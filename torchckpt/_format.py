@@ -33,7 +33,7 @@ _NOTE_WIDTH = 40
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def human_size(n: int | float) -> str:
+def human_size(n: float) -> str:
     """``1536`` -> ``'1.5 KiB'``; bytes below 1 KiB are shown exactly."""
     n = float(n)
     if n < 1024:

@@ -161,7 +161,7 @@ class FileStructure:
                     "name": t.name, "shape": list(t.shape), "dtype": t.dtype, "device": t.device,
                     "numel": t.numel, "nbytes": t.nbytes, "storage": t.storage, "offset": t.offset,
                     "parameter": t.parameter, "requires_grad": t.requires_grad, "kind": t.kind,
-                }  # fmt: skip
+                }
                 for t in self.tensors
             ],
             "values": [{"name": v.name, "type": v.type, "value": v.value} for v in self.values],
@@ -578,8 +578,10 @@ def _inspect_legacy(path: Path, size: int) -> FileStructure:
         if st is not None:
             storage_bytes[key] = st.numel * _ITEMSIZE.get(st.dtype, 1)
     notes = [
-        "legacy (non-zip) torch format: it cannot be memory-mapped, so loading it reads the whole file into memory; "
-        "storage sizes are computed from element counts, not read from an index"
+        (
+            "legacy (non-zip) torch format: it cannot be memory-mapped, so loading it reads the whole file into "
+            "memory; storage sizes are computed from element counts, not read from an index"
+        )
     ]
     expected = data_start + sum(8 + n for n in storage_bytes.values())
     if expected != size:

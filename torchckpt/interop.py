@@ -26,7 +26,14 @@ from . import serialization
 from ._fileio import checksum_file, fsync_dir, tmp_name
 from .errors import CheckpointInUseError, TorchckptError
 from .inspect import inspect_file, origin
-from .manifest import FileRecord, Manifest, current_versions, read_manifest, validate_tag, write_manifest
+from .manifest import (
+    FileRecord,
+    Manifest,
+    current_versions,
+    read_manifest,
+    validate_tag,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
