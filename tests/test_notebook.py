@@ -215,23 +215,55 @@ def test_async_no_commit_then_commit_waits(ckpt):
     assert ckpt.verify("a").ok
 
 
-def test_async_failure_is_reported_by_poll_and_raised_by_commit(ckpt, root):
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every torch.save from now on fails as a full disk would."""
+    import errno
+
+    import torchckpt.serialization
+
+    def fail(obj, stream):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return lambda: monkeypatch.setattr(torchckpt.serialization, "save", fail)
+
+
+def test_async_failure_is_reported_by_poll_and_raised_by_commit(ckpt, root, disk_full):
     ckpt.save("ok", {"x": 1})
-    ckpt.save("bad", {"u": Unpicklable()}, async_save=True)
+    disk_full()
+    ckpt.save("bad", {"w": torch.ones(3)}, async_save=True)
     outcome = ckpt.wait()
     assert outcome[0].status == "failed" and "bad" in ckpt.pending()
     assert "FAILED" in outcome[0].to_text()
-    with pytest.raises(WriteError, match=r"objects/u.pt in the background failed: .*Can't pickle"):
+    with pytest.raises(WriteError, match=r"no space left on the device while writing .*objects/w.pt"):
         ckpt.commit("bad")
     assert ckpt.pending() == [] and ckpt.store.latest() == "ok"
     assert not (root / "bad").exists()
 
 
-def test_async_failure_is_raised_by_close_when_never_reported(root):
+def test_async_failure_is_raised_by_close_when_never_reported(root, disk_full):
     c = Checkpointer(root)
-    c.save("bad", {"u": Unpicklable()}, async_save=True)
-    with pytest.raises(WriteError, match="Can't pickle"):
+    disk_full()
+    c.save("bad", {"w": torch.ones(3)}, async_save=True)
+    with pytest.raises(WriteError, match=r"no space left on the device while writing .*objects/w.pt"):
         c.close()
+
+
+def test_a_failing_resave_keeps_the_previous_checkpoint_of_that_tag(ckpt, root):
+    ckpt.save("t", {"x": 1})
+    with pytest.raises(NotCheckpointableError, match=r"could not save 'u' .*Can't pickle"):
+        ckpt.save("t", {"u": Unpicklable()})
+    ns = {}
+    ckpt.load("t", ns)
+    assert ns == {"x": 1}
+
+
+def test_sync_write_failure_leaves_no_tag(ckpt, root, disk_full):
+    ckpt.save("ok", {"x": 1})
+    disk_full()
+    with pytest.raises(WriteError, match=r"no space left on the device while writing .*objects/w.pt"):
+        ckpt.save("t", {"w": torch.ones(3)})
+    assert ckpt.tags() == ["ok"] and ckpt.store.latest() == "ok"
 
 
 def test_load_waits_for_an_async_save_of_that_tag(ckpt):

@@ -493,10 +493,12 @@ class Checkpointer:
             "objects": {name: {"kind": kind, "type": state.type_name(objects[name]), "file": files.get(name)}
                         for name, kind in kinds.items()},
         })
-        replaced = self._clear_tag(tag)
         started = time.perf_counter()
-        writer = self._async_writer() if async_save else None
         payloads = {name: state.capture(objects[name], kind) for name, kind in kinds.items() if kind != "deepspeed"}
+        for name, payload in payloads.items():
+            state.check_picklable(name, payload, objects[name])
+        replaced = self._clear_tag(tag)
+        writer = self._async_writer() if async_save else None
         total = sum(state.payload_bytes(p) for p in payloads.values())
         bar = _Progress(progress, total, f"save {tag}", self.progress_min_bytes)
         tx = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import random
 import types
 import warnings
@@ -185,6 +186,34 @@ def capture(obj: Any, kind: str) -> Any:
     if kind == "value":
         return obj
     raise ValueError(f"kind {kind!r} is not captured by value (deepspeed engines save themselves)")
+
+
+class _StructurePickler(pickle.Pickler):
+    """Pickles a state's structure only: tensors and storages stand in as persistent ids."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)):
+            return id(obj)
+        return None
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def check_picklable(name: str, payload: Any, obj: Any) -> None:
+    """Raise :class:`NotCheckpointableError` if ``payload`` cannot be pickled (a lambda, a lock...).
+
+    Cheap (tensor data is skipped), so a save can refuse before anything on disk changes.
+    """
+    try:
+        _StructurePickler(_Discard(), protocol=2).dump(payload)
+    except Exception as e:  # noqa: BLE001 - pickling reports failures as many types
+        raise NotCheckpointableError(
+            f"could not save {name!r} ({type_name(obj)}): {type(e).__name__}: {e}; its state must hold only "
+            "tensors, plain Python values and containers of them"
+        ) from e
 
 
 def payload_bytes(obj: Any) -> int:
