@@ -169,6 +169,8 @@ def test_background_work_disables_buttons_and_does_not_block(make_panel, ns):
     assert enabled(p) == set() and p.refresh_button.disabled
     assert "bg" in p.checkpointer.pending()
     assert "pending" in p.rows["bg"].cells["status"].value
+    p.verify_button.click()  # a click that gets past `disabled` is refused, not queued
+    assert "verify: busy with save; wait for it to finish" in text(p.status) and len(held.jobs) == 1
     # The snapshot is taken at the click: changing the model now does not change the checkpoint.
     saved_weight = ns["model"][0].weight.detach().clone()
     with torch.no_grad():

@@ -91,12 +91,17 @@ class _InlineExecutor(Executor):
         return future
 
 
-def _handler(action: str):
-    """Wrap a widget callback: an error is shown in the panel, never lost in the kernel log."""
+def _handler(action: str, *, needs_idle: bool = True):
+    """Wrap a widget callback: an error is shown in the panel, never lost in the kernel log;
+    with ``needs_idle`` it refuses while another action runs (``disabled`` is advisory:
+    ``Button.click()`` and a lagging browser get past it)."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def run(self, *args):
+            if needs_idle and self._busy is not None:
+                self._refuse(action, f"busy with {self._busy}; wait for it to finish")
+                return
             try:
                 fn(self, *args)
             except Exception as e:  # noqa: BLE001 - every error is reported in the panel
@@ -544,7 +549,7 @@ class CheckpointPanel:
             raise
 
     # -- actions ---------------------------------------------------------------------------------
-    @_handler("refresh")
+    @_handler("refresh", needs_idle=False)
     def _on_refresh(self, _: Any = None) -> None:
         self.refresh()
         self._say(f"refreshed: {len(self._infos)} checkpoints")
@@ -766,12 +771,12 @@ class CheckpointPanel:
             return self._refuse("confirm", "nothing to confirm")
         action()
 
-    @_handler("cancel")
+    @_handler("cancel", needs_idle=False)
     def _on_cancel(self, _: Any = None) -> None:
         self._hide_confirm()
         self._say("cancelled")
 
-    @_handler("clear log")
+    @_handler("clear log", needs_idle=False)
     def _on_clear_log(self, _: Any = None) -> None:
         with self._log_lock:
             self.log.outputs = ()
