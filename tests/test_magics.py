@@ -250,6 +250,24 @@ def test_ui_shows_the_panel_or_a_clear_message(ip, root, capsys, monkeypatch):
     assert "panel is not part of this torchckpt version" in capsys.readouterr().out
 
 
+def test_ui_displays_the_panel_over_the_magics_checkpointer(ip, root, monkeypatch):
+    pytest.importorskip("torchckpt.panel")
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: shown.append(obj))
+    run(ip, "x = 1")
+    assert run(ip, "%ckpt ui") is None
+    (panel,) = shown
+    try:
+        assert type(panel).__name__ == "CheckpointPanel"
+        assert panel.checkpointer is ip.magics_manager.registry["CkptMagics"].checkpointer
+        assert panel.namespace is ip.user_ns
+    finally:
+        panel.close()
+    assert run(ip, "%ckpt save after-ui x").committed  # closing the panel left our checkpointer open
+
+
 def test_help(ip, root, capsys):
     doc = ip.magics_manager.magics["line"]["ckpt"].__doc__
     for sub in ("save", "commit", "load", "ls", "info", "diff", "verify", "rm", "gc", "dir", "ui"):
