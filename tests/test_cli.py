@@ -211,22 +211,29 @@ def test_export_and_import(nb_root, tmp_path):
     assert torch.equal(store.load("shared", "objects/model.pt")["weight"], saved["weight"])
 
 
-def test_deepspeed_own_checkpoints_adopt_then_verify(ds_root, tmp_path):
+def test_deepspeed_own_checkpoints_adopt_then_verify(ds_root, tmp_path, capsys):
     root = shutil.copytree(ds_root, tmp_path / "ckpts")
+    shutil.rmtree(root / "ours")
+    (root / "latest").write_text("ds-legacy")  # a root only DeepSpeed's own engine wrote
     proc = torchckpt("verify", root, "--all")
     assert proc.returncode == 1
     problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
     assert [p.split()[1] for p in problems] == [f"{t}:" for t in OWN_TAGS]
     assert all("adopt it first: torchckpt adopt" in p for p in problems)
+    # `latest` is what DeepSpeed's `latest` file names, though no tag is committed.
+    assert main(["info", str(root), "latest", "--files-only"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("tag:        ds-legacy\n") and "status:     deepspeed" in out
+    assert err == "torchckpt: note: `latest` is ds-legacy, written by DeepSpeed's own engine (no manifest)\n"
+    assert main(["adopt", str(root), "latest"]) == 0
+    assert capsys.readouterr().out == "adopted ds-legacy: 2 files loaded and checksummed, manifest written (step 1)\n"
     proc = torchckpt("adopt", root, "--all")
     assert proc.returncode == 0, proc.stderr
-    assert [line for line in proc.stdout.splitlines()] == [
-        f"adopted {t}: 2 files loaded and checksummed, manifest written (step 1)" for t in OWN_TAGS
-    ]
+    assert proc.stdout.splitlines() == ["adopted ds-zip: 2 files loaded and checksummed, manifest written (step 1)"]
     proc = torchckpt("verify", root, "--all", "--json")
     assert proc.returncode == 0, proc.stdout
-    assert [c["status"] for c in json.loads(proc.stdout)["checkpoints"]] == ["ok", "ok", "ok"]
-    proc = torchckpt("export", root, "ds-legacy", tmp_path / "w.safetensors")
+    assert [c["status"] for c in json.loads(proc.stdout)["checkpoints"]] == ["ok", "ok"]
+    proc = torchckpt("export", root, "latest", tmp_path / "w.safetensors")
     assert proc.returncode == 0 and "from ds-legacy/mp_rank_00_model_states.pt:module" in proc.stdout
 
 

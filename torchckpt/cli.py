@@ -88,6 +88,19 @@ def _echo(*parts: Any, sep: str = " ") -> None:
     (_results or sys.stdout).write(sep.join(map(str, parts)) + "\n")
 
 
+def _tag(store, tag: str | None) -> str:
+    """``latest`` as the store resolves it; on a root with no committed tag, the one DeepSpeed's
+    own ``latest`` file names (its engine writes no manifest)."""
+    if tag in (None, "latest") and not store.tags(committed_only=True):
+        from .interop import deepspeed_latest
+
+        named = deepspeed_latest(store)
+        if named is not None:
+            sys.stderr.write(f"torchckpt: note: `latest` is {named}, written by DeepSpeed's own engine (no manifest)\n")
+            return named
+    return tag or "latest"
+
+
 def _print_json(doc: Any) -> None:
     _echo(json.dumps(doc, indent=1, default=str))
 
@@ -141,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .inspect import inspect_file
 
     store = _store(args.root)
-    info = store.info(args.tag)
+    info = store.info(_tag(store, args.tag))
     facts = _tag_facts(store, info)
     wanted = facts["file_list"]
     if args.file:
@@ -237,7 +250,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.all:
         targets = store.list()
     else:
-        targets = [store.info(args.tag or "latest")]
+        targets = [store.info(_tag(store, args.tag))]
     for info in targets:
         status = _format.status(info)
         if info.in_flight:
@@ -334,14 +347,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     store = _store(args.root)
     result = export_safetensors(
-        store, args.tag, args.out, key=args.key, allow=args.allow, trusted=args.trusted,
+        store, _tag(store, args.tag), args.out, key=args.key, allow=args.allow, trusted=args.trusted,
         allow_incomplete=args.allow_incomplete,
     )  # fmt: skip
     if result.skipped:
         shown = ", ".join(result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
         print(f"torchckpt: note: left out {_plural(len(result.skipped), 'non-tensor entry')}: {shown}", file=sys.stderr)
     _echo(f"exported {_plural(result.tensors, 'tensor')} ({_format.human_size(result.nbytes)}) "
-          f"from {args.tag}/{result.source} to {result.path}")  # fmt: skip
+          f"from {result.tag}/{result.source} to {result.path}")  # fmt: skip
     return EXIT_OK
 
 
@@ -367,7 +380,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         raise CliError("give a TAG or --all, not both")
     if not args.all and not args.tag:
         raise CliError("give the TAG to adopt, or --all for every checkpoint DeepSpeed's own engine wrote")
-    tags = adoptable(store) if args.all else [args.tag]
+    tags = adoptable(store) if args.all else [_tag(store, args.tag)]
     if args.all and not tags:
         _echo(f"nothing to adopt in {store.root}: every checkpoint has a manifest")
     for tag in tags:

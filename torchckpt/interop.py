@@ -27,6 +27,7 @@ from ._fileio import checksum_file, fsync_dir, tmp_name
 from .errors import CheckpointInUseError, TorchckptError
 from .inspect import inspect_file, origin
 from .manifest import (
+    LATEST_NAME,
     FileRecord,
     Manifest,
     current_versions,
@@ -40,7 +41,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdoptError", "ExportError", "ExportResult", "adopt", "adoptable", "export_safetensors", "import_safetensors"]
+__all__ = [
+    "AdoptError",
+    "ExportError",
+    "ExportResult",
+    "adopt",
+    "adoptable",
+    "deepspeed_latest",
+    "export_safetensors",
+    "import_safetensors",
+]
 
 _DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 _ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
@@ -59,6 +69,19 @@ class ExportError(TorchckptError, ValueError):
 def adoptable(store: CheckpointStore) -> list[str]:
     """Tags under the root that DeepSpeed's own engine wrote (no manifest, nothing of torchckpt's)."""
     return [i.tag for i in store.list() if not i.committed and not i.in_flight and origin(i.path) == "deepspeed"]
+
+
+def deepspeed_latest(store: CheckpointStore) -> str | None:
+    """The tag DeepSpeed's own ``latest`` file names, if DeepSpeed's own engine wrote that tag.
+
+    The store resolves ``latest`` to committed tags only; on a root that only DeepSpeed's own
+    engine wrote there is none, and this is what ``latest`` means to its user.
+    """
+    try:
+        tag = validate_tag((store.root / LATEST_NAME).read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return tag if origin(store.root / tag) == "deepspeed" else None
 
 
 def adopt(
@@ -191,6 +214,7 @@ class ExportResult:
     """What :func:`export_safetensors` wrote."""
 
     path: Path
+    tag: str
     source: str
     tensors: int
     nbytes: int
@@ -360,7 +384,7 @@ def export_safetensors(
     _save_safetensors_atomic(tensors, out, metadata)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     logger.info("exported %d tensors from %s/%s to %s", len(tensors), tag, source, out)
-    return ExportResult(out, source, len(tensors), nbytes, skipped)
+    return ExportResult(out, tag, source, len(tensors), nbytes, skipped)
 
 
 def _verify_one(store: CheckpointStore, tag: str, rel: str) -> None:
