@@ -117,53 +117,54 @@ class TorchDistributedCoordinator:
             if self.rank == 0:
                 return self._decide(key, step)
             return self._await_decision(key, step)
-        except RuntimeError as e:  # DistStoreError, DistNetworkError: the store's host is gone
+        except (RuntimeError, OSError) as e:  # DistStoreError, DistNetworkError: the store's host is gone
             logger.warning("rank %d lost the torch.distributed store at commit step %r: %s", self.rank, step, e)
-            errors: list[str | None] = [None] * self.world_size
-            errors[self.rank] = (
+            return self._own_error(
                 f"lost contact with the other ranks at commit step {step!r}: the torch.distributed store "
                 f"failed ({_first_line(e)}); the process hosting it (rank 0 or the launcher) probably died"
             )
-            return errors
 
     def _decide(self, key: str, step: str) -> list[str | None]:
         keys = [f"{key}/r{r}" for r in range(self.world_size)]
-        absent = self._wait(lambda: self.store.check(keys), keys, list(range(self.world_size)), self.timeout)
+        missing = self._wait(lambda: self.store.check(keys), dict(enumerate(keys)), self.timeout, step)
         errors: list[str | None] = [None] * self.world_size
-        present = [r for r in range(self.world_size) if r not in absent]
+        present = [r for r in range(self.world_size) if r not in missing]
         for r, value in zip(present, self._get_many([keys[r] for r in present])):
             errors[r] = _load(value)
-        for r, why in absent.items():
-            errors[r] = why.format(step=step)
+        for r, died in missing.items():
+            errors[r] = died or _late(step, self.timeout)
         self.store.set(f"{key}/decision", json.dumps(errors).encode())
         for r in present:
             _quietly(self.store.delete_key, keys[r])
-        if not absent:
+        if missing:
+            logger.warning("commit step %r: %s", step, "; ".join(f"rank {r} {errors[r]}" for r in missing))
+        else:
             # Every rank has arrived here, so each has read the previous decision: drop it.
             stale = _stale_decisions.pop(id(self.store), None)
             if stale is not None:
                 _quietly(self.store.delete_key, stale)
             _stale_decisions[id(self.store)] = f"{key}/decision"
-        if absent:
-            logger.warning("commit step %r: %s", step, "; ".join(f"rank {r} {errors[r]}" for r in absent))
         return errors
 
     def _await_decision(self, key: str, step: str) -> list[str | None]:
         decision = f"{key}/decision"
         grace = min(_GRACE_MAX, max(_GRACE_MIN, _GRACE_FRACTION * self.timeout))
-        absent = self._wait(lambda: self.store.check([decision]), [decision], [0], self.timeout + grace)
-        if not absent:
-            errors = json.loads(self.store.get(decision))
+        missing = self._wait(lambda: self.store.check([decision]), {0: decision}, self.timeout + grace, step)
+        if not missing:
+            try:
+                errors = json.loads(self.store.get(decision))
+            except ValueError:
+                errors = None
             if not isinstance(errors, list) or len(errors) != self.world_size:
-                raise RuntimeError(f"malformed commit decision under {decision!r}: {errors!r}")
+                return self._own_error(f"rank 0's decision at commit step {step!r} is unreadable")
             return errors
-        # No decision: say which ranks never arrived, as far as the store still shows it.
-        errors = [None] * self.world_size
+        # No decision: name the ranks that never arrived, as far as the store still shows it.
+        errors: list[str | None] = [None] * self.world_size
         for r in range(self.world_size):
             if r != self.rank and not self.store.check([f"{key}/r{r}"]):
-                errors[r] = _LATE.format(step=step, timeout=f"{self.timeout:g}")
-        if 0 in absent and "died" in absent[0]:
-            errors[0] = absent[0].format(step=step)
+                errors[r] = _late(step, self.timeout)
+        if missing[0]:
+            errors[0] = missing[0]
         elif errors[0] is None:
             errors[0] = (
                 f"arrived at commit step {step!r} but published no decision within "
@@ -171,28 +172,34 @@ class TorchDistributedCoordinator:
             )
         return errors
 
-    # -- waiting ------------------------------------------------------------------------------
-    def _wait(self, done: Callable[[], bool], keys: list[str], ranks: list[int], timeout: float) -> dict[int, str]:
-        """Poll ``done`` until true; return {rank: why} for the ``keys``' ranks that never came.
+    def _own_error(self, message: str) -> list[str | None]:
+        errors: list[str | None] = [None] * self.world_size
+        errors[self.rank] = message
+        return errors
 
-        ``keys[i]`` is what ``ranks[i]`` publishes. Returns early, with the dead ranks, as soon
-        as every rank still missing is known dead; otherwise at the deadline, with all missing.
+    # -- waiting ------------------------------------------------------------------------------
+    def _wait(self, done: Callable[[], bool], keys: dict[int, str], timeout: float, step: str) -> dict[int, str | None]:
+        """Poll ``done`` until true; return the ranks whose key never came: {rank: why it died, or None}.
+
+        ``keys[rank]`` is the key that rank publishes. Returns early as soon as every rank still
+        missing is known dead; otherwise at the deadline, with every rank still missing.
         """
         start = time.monotonic()
         deadline = start + timeout
-        next_liveness = start + _LIVENESS_EVERY
+        # Each liveness round asks the store about every missing rank: rarer on large jobs.
+        every = _LIVENESS_EVERY * max(1.0, len(keys) / 64)
+        next_liveness = start + every
         interval = 0.0005
         while not done():
             now = time.monotonic()
             if now >= next_liveness or now >= deadline:
-                missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
+                missing = [r for r, k in keys.items() if not self.store.check([k])]
                 if not missing:
                     continue
-                dead = {r: why for r in missing if (why := self._dead(r))}
-                if len(dead) == len(missing) or now >= deadline:
-                    late = _LATE.replace("{timeout}", f"{timeout:g}")
-                    return {r: dead.get(r, late) for r in missing}
-                next_liveness = now + _LIVENESS_EVERY
+                dead = {r: self._dead(r, step) for r in missing}
+                if all(dead.values()) or now >= deadline:
+                    return dead
+                next_liveness = now + every
             time.sleep(min(interval, max(0.0, deadline - now)))
             interval = min(_POLL_MAX, interval * 1.5, max(0.001, (time.monotonic() - start) / 10))
         return {}
@@ -213,7 +220,7 @@ class TorchDistributedCoordinator:
         self.store.set(f"{self._root}/proc/r{self.rank}", json.dumps(record).encode())
         _published.add(id(self.store))
 
-    def _dead(self, rank: int) -> str | None:
+    def _dead(self, rank: int, step: str) -> str | None:
         """Why ``rank`` is known dead (its process ran on this host and is gone), else None."""
         record = self._peers.get(rank)
         if record is None:
@@ -224,13 +231,14 @@ class TorchDistributedCoordinator:
             self._peers[rank] = record
         if record.get("host") != _host_id() or not _process_gone(record["pid"], record.get("start")):
             return None
-        return f"died (its process, pid {record['pid']} on this host, is gone) before reaching commit step {{step!r}}"
+        return f"died (its process, pid {record['pid']} on this host, is gone) before reaching commit step {step!r}"
 
 
-_LATE = (
-    "did not reach commit step {step!r} within {timeout}s: its process hung, or was killed before its "
-    "saves finished; raise commit_timeout if its saves are only slow"
-)
+def _late(step: str, timeout: float) -> str:
+    return (
+        f"did not reach commit step {step!r} within {timeout:g}s: its process hung, or was killed before "
+        "its saves finished; raise commit_timeout if its saves are only slow"
+    )
 
 
 def _dump(error: str | None) -> bytes:
