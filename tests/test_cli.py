@@ -100,8 +100,11 @@ def test_console_script(nb_root):
 
 
 def test_ls_table_and_json(nb_root, ds_root):
-    proc = torchckpt("ls", nb_root)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "torchckpt", "ls", str(nb_root)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "torchckpt.store" in imported and "torch" not in imported, "ls must not wait for `import torch`"
     header, *rows = proc.stdout.splitlines()
     assert header.split() == list(COLUMNS)
     assert rows[0].split()[0] == "t1" and "loss=0.5" in rows[0] and "first run" in rows[0]
@@ -269,3 +272,6 @@ def test_unreadable_checkpoint_is_a_problem_not_a_usage_error(nb_root, tmp_path,
     (root / "t2" / "torchckpt-manifest.json").write_text("{")
     assert main(["diff", str(root), "t1", "t2"]) == 1
     assert "is not valid JSON" in capsys.readouterr().err
+    assert main(["info", str(root), "t2", "--files-only"]) == 1
+    out = capsys.readouterr().out
+    assert "status:     unreadable" in out and "problem:    manifest" in out and "is not valid JSON" in out

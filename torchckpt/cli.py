@@ -163,7 +163,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             names = ", ".join(f["path"] for f in facts["file_list"])
             raise CliError(f"checkpoint {info.tag!r} has no file {args.file!r}; it has: {names}")
     structures = {} if args.files_only else {f["path"]: inspect_file(info.path / f["path"]) for f in wanted}
-    failed = [s for s in structures.values() if s.error]
+    failed = [s for s in structures.values() if s.error] + ([info.problem] if info.problem else [])
     if args.json:
         facts["structure"] = {rel: s.to_dict() for rel, s in structures.items()}
         _print_json(facts)
