@@ -141,6 +141,16 @@ def test_coordinator_refuses_bad_arguments():
         TorchDistributedCoordinator(store=dist.HashStore(), rank=2, world_size=2)
 
 
+def test_map_location_placeholders_are_this_ranks(monkeypatch):
+    from torchckpt.engine import TorchCheckpointEngine, _for_this_rank
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _for_this_rank("cuda:{local_rank}") == "cuda:3"
+    assert _for_this_rank("cpu") == "cpu" and _for_this_rank(None) is None
+    with pytest.raises(ValueError, match=r"map_location 'cuda:\{gpu\}' may use only \{local_rank\} and \{rank\}"):
+        TorchCheckpointEngine(map_location="cuda:{gpu}")
+
+
 # -- the transaction on two ranks (threads) ----------------------------------------------------
 def two_rank_commit(root: Path, tag: str, files: list[dict[str, object]], *, timeout: float = 10.0):
     """Rank r writes ``files[r]`` (relpath -> object) into ``tag`` and commits; returns the outcomes."""
