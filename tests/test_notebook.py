@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import numpy as np
@@ -403,7 +404,7 @@ def test_concurrent_saves_from_threads_all_commit(ckpt):
 
 
 # -- DeepSpeed ----------------------------------------------------------------------------------
-def test_deepspeed_engine_is_saved_through_its_own_save_checkpoint(ds_dist, ckpt, root):
+def test_deepspeed_engine_is_saved_through_its_own_save_checkpoint(ds_dist, ckpt, root, caplog):
     import deepspeed
 
     import torchckpt
@@ -431,7 +432,9 @@ def test_deepspeed_engine_is_saved_through_its_own_save_checkpoint(ds_dist, ckpt
     train(engine, 2)
     found = ckpt.checkpointable({**ns, "model": engine.module, "optimizer": engine.optimizer})
     assert list(found) == ["engine", "note"]
-    r = ckpt.save(None, found, step=infer_step(ns))
+    with caplog.at_level(logging.WARNING):
+        r = ckpt.save(None, found, step=infer_step(ns))
+    assert not [rec for rec in caplog.records if rec.name.startswith("torchckpt")]  # one clean commit
     assert r.tag == "step-2" and isinstance(engine.checkpoint_engine, torchckpt.TorchCheckpointEngine)
     files = ckpt.store.info("step-2").manifest.files
     assert "mp_rank_00_model_states.pt" in files and "objects/note.pt" in files and "rng.pt" in files
@@ -441,6 +444,11 @@ def test_deepspeed_engine_is_saved_through_its_own_save_checkpoint(ds_dist, ckpt
     ckpt.load("step-2", ns2)
     assert ns2["note"] == "ds" and other.global_steps == 2
     assert train(other, 2) == reference
+    # --no-commit and async hold for the engine's files too
+    ckpt.save("later", {"engine": engine}, commit=False, async_save=True)
+    assert not ckpt.store.info("later").committed
+    assert ckpt.commit("later").committed and ckpt.verify("later").ok
+    assert "mp_rank_00_model_states.pt" in ckpt.store.info("later").manifest.files
     d = ckpt.diff("step-2", "step-2")
     assert d.identical and any(k.startswith("mp_rank_00_model_states.pt/") for k in d.deltas)
 

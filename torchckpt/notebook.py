@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from . import _format, _render, state
 from .errors import (
     CheckpointInUseError,
+    CommitError,
     IncompleteCheckpointError,
     NotCheckpointableError,
     ObjectNotFoundError,
@@ -503,10 +504,10 @@ class Checkpointer:
         bar = _Progress(progress, total, f"save {tag}", self.progress_min_bytes)
         tx = None
         try:
+            tx = self.store.transaction(tag, writer=writer)
             for name, kind in kinds.items():
                 if kind == "deepspeed":
-                    _save_engine(objects[name], self.root, tag)
-            tx = self.store.transaction(tag, writer=writer)
+                    _save_engine(objects[name], self.root, tx)
             for name, payload in payloads.items():
                 try:
                     tx.write(files[name], payload)
@@ -909,15 +910,56 @@ def _ensure_engine(ds_engine: Any) -> None:
         install(ds_engine)
 
 
-def _save_engine(ds_engine: Any, root: Path, tag: str) -> None:
-    """The engine writes its own files into ``root/tag`` through torchckpt's engine; the
-    notebook transaction then takes them into its manifest."""
+def _save_engine(ds_engine: Any, root: Path, tx: Transaction) -> None:
+    """The engine writes its own files with its own ``save_checkpoint``, into the notebook's
+    transaction: one commit, one manifest, for the engine and the other objects alike."""
     _ensure_engine(ds_engine)
-    ds_engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    ce = ds_engine.checkpoint_engine
-    info = ce.get_commit_info() if ce.is_decoupled() else None
-    if info is not None:  # an async engine: its files must be complete before our commit
-        ce.commit(info)
+    ours = ds_engine.checkpoint_engine
+    info = ours.get_commit_info() if ours.is_decoupled() else None
+    if info is not None:  # an earlier async engine.save_checkpoint still waiting for its commit
+        ours.commit(info)
+    ds_engine.checkpoint_engine = _IntoTransaction(ours, tx)
+    try:
+        ds_engine.save_checkpoint(str(root), tag=tx.tag, save_latest=False)
+    finally:
+        ds_engine.checkpoint_engine = ours
+
+
+class _IntoTransaction:
+    """Stands in for a DeepSpeed engine's checkpoint engine during a notebook save: DeepSpeed's
+    files go into the notebook's transaction, which commits them with everything else.
+    Anything else DeepSpeed asks (``is_data_parallel_writer``...) the installed engine answers."""
+
+    def __init__(self, inner: Any, tx: Transaction):
+        self._inner, self._tx = inner, tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def create(self, info: Any) -> None:
+        tag = getattr(info, "tag", info)
+        if tag != self._tx.tag:
+            raise CommitError(f"DeepSpeed began checkpoint {tag!r} inside the notebook save of {self._tx.tag!r}")
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._tx.write(self._tx.relpath(path), state_dict)
+
+    def commit(self, info: Any) -> bool:
+        return True  # the notebook transaction commits
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def get_commit_info(self) -> None:
+        return None
+
+    def preserves_storage_sharing(self) -> bool:
+        # torch.save writes whole storages (so DeepSpeed clones views first); the async
+        # writer's snapshot keeps only the spans that views use.
+        return self._tx.writer is None
 
 
 def _load_engine(ds_engine: Any, root: Path, tag: str, *, strict: bool) -> None:
