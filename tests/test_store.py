@@ -224,3 +224,14 @@ def test_lock_timeout_names_the_problem(root):
         holder.stdout.close()
     save(store, "b", 2.0)  # the lock of a dead process is released by the OS
     assert store.latest() == "b"
+
+
+def test_gc_keeps_a_tag_whose_manifest_is_unreadable(root):
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    save(store, "b", 2.0)
+    (root / "a" / MANIFEST_NAME).write_text("{edited by hand")
+    assert store.info("a").status == "unreadable"
+    plan = store.gc()
+    assert plan.incomplete == [] and "a" in store.tags()
+    assert "not valid JSON" in store.verify("a").problems[0]

@@ -433,7 +433,10 @@ class CheckpointStore:
             latest = self._resolve_latest(warn=False)
             # Only tags torchckpt started: DeepSpeed's own engine's checkpoints (no manifest, no
             # bookkeeping of ours) are not leftovers; `torchckpt adopt` brings them under gc.
-            incomplete = [i.tag for i in infos if not i.committed and not i.in_flight and not _foreign(i.path)]
+            # A tag whose manifest is unreadable was committed once: it is kept for a human to look at.
+            incomplete = [
+                i.tag for i in infos if not i.committed and not i.in_flight and not i.problem and not _foreign(i.path)
+            ]
             committed = [i for i in infos if i.committed and not i.in_flight]
             doomed: list[str] = []
             if keep_last is not None:
