@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import threading
 import time
@@ -261,8 +262,8 @@ class TagDetails(_Result):
 
     def _summary(self) -> list[str]:
         i, md = self.info, self.info.metadata
-        lines = [f"{i.tag}: {_format.status(i)}{' (latest)' if i.is_latest else ''}, {_render.size(i.size)}, "
-                 f"created {_render.when(i.created)}"]
+        latest = " (latest)" if i.is_latest else ""
+        lines = [f"{i.tag}: {_format.status(i)}{latest}, {_render.size(i.size)}, created {_render.when(i.created)}"]
         if i.problem:
             lines.append(f"problem: {i.problem}")
         for key in ("step", "note"):
@@ -865,7 +866,7 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -896,7 +897,7 @@ def parse_metrics(items: Iterable[str]) -> dict[str, Any]:
                 break
             except ValueError:
                 continue
-        if isinstance(parsed, float) and parsed != parsed or parsed in (float("inf"), float("-inf")):
+        if isinstance(parsed, float) and not math.isfinite(parsed):
             raise ValueError(f"metric {item!r} is not a finite number")
         metrics[key.strip()] = parsed
     return metrics

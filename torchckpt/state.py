@@ -209,7 +209,7 @@ def check_picklable(name: str, payload: Any, obj: Any) -> None:
     """
     try:
         _StructurePickler(_Discard(), protocol=2).dump(payload)
-    except Exception as e:  # noqa: BLE001 - pickling reports failures as many types
+    except Exception as e:  # pickling reports failures as many types
         raise NotCheckpointableError(
             f"could not save {name!r} ({type_name(obj)}): {type(e).__name__}: {e}; its state must hold only "
             "tensors, plain Python values and containers of them"
@@ -349,7 +349,7 @@ class RestorePlan:
             for fn in reversed(undo):
                 try:
                     fn()
-                except Exception:  # noqa: BLE001 - the original error is the one to report
+                except Exception:  # the original error is the one to report
                     logger.exception("rolling back a failed restore")
             raise
         return notes
