@@ -13,13 +13,13 @@ job checks several things in a row:
     directory stands where its file goes): the commit must fail on both ranks, and a later
     save must still commit. ``async_save`` runs the same through DeepSpeed's deferred commit.
 ``kill``
-    save a good tag, then rank 1 SIGKILLs itself halfway through writing its file of the next
-    tag; rank 0 reports how its commit failed and how long that took.
+    save a good tag, then rank 1 SIGKILLs itself in the middle of writing its file of the next
+    tag (in the background writer with ``async_save``); rank 0 reports how its save failed and
+    how long that took.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -186,37 +186,38 @@ def resume(job: dict, out: dict) -> None:
     out["after_committed"] = (root / "after" / MANIFEST).exists() and store.latest() == "after"
 
 
+def die_mid_write(victim: str) -> None:
+    """SIGKILL this process once 512 bytes of ``victim`` reached its temporary file."""
+    from torchckpt import _fileio
+
+    write = _fileio.HashingWriter.write
+
+    def write_then_die(self, data):
+        n = write(self, data)
+        if os.path.basename(getattr(self._raw, "name", "")).startswith(f".{victim}.tmp-") and self.size >= 512:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
+
+    _fileio.HashingWriter.write = write_then_die  # sync writes and the background writer alike
+
+
 def kill(job: dict, out: dict) -> None:
     import torchckpt
-    from torchckpt._fileio import atomic_writer
 
     root = Path(job["root"])
     engine = make_engine(job["stage"], seed=0)
-    ours = torchckpt.install(engine, async_save=job["async_save"], commit_timeout=job["commit_timeout"])
+    torchckpt.install(engine, async_save=job["async_save"], commit_timeout=job["commit_timeout"])
     train(engine, 0, 2)
     engine.save_checkpoint(str(root), tag="good")
     if job["async_save"]:
         train(engine, 2, 1)
-    victim = job["kill_file"]
     if RANK == 1:
-        save = ours.save
-
-        def save_then_die(state_dict, path):
-            if Path(path).name != victim:
-                return save(state_dict, path)
-            data = io.BytesIO()
-            torch.save(state_dict, data)
-            with atomic_writer(Path(path)) as stream:  # a real temporary file, half written
-                stream.write(data.getvalue()[: len(data.getvalue()) // 2])
-                stream.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        ours.save = save_then_die
+        die_mid_write(job["kill_file"])
     start = time.monotonic()
     try:
         engine.save_checkpoint(str(root), tag="torn")
         if job["async_save"]:
-            train(engine, 3, 1)
+            train(engine, 3, 1)  # commits, or finds the dead rank
         out["torn_error"] = None
     except Exception as e:  # noqa: BLE001 - the test asserts on the message
         out["torn_error"] = error_text(e)

@@ -320,21 +320,29 @@ def test_zero3_on_cpu_two_ranks_resume_bit_identical(tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_rank_killed_mid_save_leaves_no_commit_and_the_previous_tag_intact(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_rank_killed_mid_write_leaves_no_commit_and_the_previous_tag_intact(tmp_path, async_save):
     victim = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    job = run_job(tmp_path, "kill", stage=1, commit_timeout=30.0, kill_file=victim)
+    job = run_job(tmp_path, "kill", stage=1, async_save=async_save, commit_timeout=30.0, kill_file=victim)
     assert job["codes"][1] == -signal.SIGKILL and 1 not in job["ranks"], job["logs"]()
     assert job["codes"][0] == 0, job["logs"]()
     rank0 = job["ranks"][0]
     error = rank0["torn_error"]
-    assert error is not None and error.startswith("CommitError: checkpoint 'torn' not committed: rank 1: died "), error
-    assert "on this host, is gone) before reaching commit step 'write'" in error
+    ours = "CommitError: checkpoint 'torn' not committed: rank 1: died (its process, pid "
+    lost_peer = error is not None and ("Connection reset by peer" in error or "Connection closed by peer" in error)
+    if async_save and lost_peer:
+        # The background write died while DeepSpeed still had a barrier to pass (at the end of
+        # save_checkpoint): gloo reports the lost peer there, before our commit is reached.
+        assert error.startswith("RuntimeError: "), error
+    else:
+        assert error is not None and error.startswith(ours), error
+        assert "on this host, is gone) before reaching commit step 'write'" in error
     assert rank0["seconds_to_fail"] < 30, "a dead rank on this host is seen well before the timeout"
 
     root = job["root"]
     store = CheckpointStore(root)
     assert not (root / "torn" / MANIFEST_NAME).exists()
-    assert any(p.name.startswith(f".{victim}.tmp-") for p in (root / "torn").iterdir()), "the torn write is left"
+    assert any(p.name.startswith(f".{victim}.tmp-") for p in (root / "torn").iterdir()), "no torn write left"
     assert store.latest() == "good" and (root / "latest").read_text() == "good"
     assert store.verify("good").ok
     status = {i.tag: i.status for i in store.list()}
