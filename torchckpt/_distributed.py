@@ -26,6 +26,7 @@ Every rank must create its coordinators in the same order (the engine does: one 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -227,7 +228,11 @@ class TorchDistributedCoordinator:
             key = f"{self._root}/proc/r{rank}"
             if not self.store.check([key]):
                 return None  # it never published: not yet started, or gone before; wait
-            record = json.loads(self.store.get(key))
+            try:
+                record = dict(json.loads(self.store.get(key)))
+                record["pid"] = int(record["pid"])
+            except (ValueError, TypeError, KeyError):
+                return None  # unreadable: no opinion, the deadline decides
             self._peers[rank] = record
         if record.get("host") != _host_id() or not _process_gone(record["pid"], record.get("start")):
             return None
@@ -265,6 +270,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+@functools.cache
 def _host_id() -> str:
     """This host and pid namespace: pids are comparable only within the same one."""
     try:
