@@ -163,6 +163,32 @@ def test_post_run_cell_reports_a_finished_async_save_once(ip, root, capsys):
     assert "a2" not in capsys.readouterr().out
 
 
+def test_a_failed_async_save_is_reported_after_the_cell_and_by_commit(ip, root, capsys, monkeypatch):
+    import errno
+
+    import torchckpt.serialization
+
+    def full(obj, stream):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run(ip, "x = torch.ones(3)" if "torch" in ip.user_ns else "import torch; x = torch.ones(3)")
+    magics = ip.magics_manager.registry["CkptMagics"]
+    monkeypatch.setattr(torchckpt.serialization, "save", full)
+    magics.report_async = False
+    run(ip, "%ckpt save bad x --async")
+    magics.report_async = True
+    ckpt = magics.checkpointer
+    deadline = time.monotonic() + 30
+    while any(p.future is not None and not p.future.done() for p in ckpt._pending.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    capsys.readouterr()
+    run(ip, "1")
+    err = capsys.readouterr().err
+    assert "torchckpt: async save 'bad' FAILED" in err and "no space left" in err
+    assert "no space left on the device" in usage_error(ip, "%ckpt commit bad")
+    assert "no checkpoint 'bad'" in usage_error(ip, "%ckpt commit bad")  # reported once; nothing left
+
+
 def test_save_no_commit_then_commit(ip, root):
     run(ip, SETUP.format(seed=0))
     r = run(ip, "%ckpt save later model --no-commit")
