@@ -499,6 +499,7 @@ class Checkpointer:
         payloads = {name: state.capture(objects[name], kind) for name, kind in kinds.items() if kind != "deepspeed"}
         for name, payload in payloads.items():
             state.check_picklable(name, payload, objects[name])
+        rng = state.capture_rng()  # the generators as of this moment, like every other object
         replaced = self._clear_tag(tag)
         writer = self._async_writer() if async_save else None
         total = sum(state.payload_bytes(p) for p in payloads.values())
@@ -520,7 +521,7 @@ class Checkpointer:
                         "hold only tensors, plain Python values and containers of them"
                     ) from e
                 bar.advance(state.payload_bytes(payload))
-            tx.write(RNG_FILE, state.capture_rng())
+            tx.write(RNG_FILE, rng)
         except BaseException:
             bar.close()
             if tx is not None:
