@@ -936,6 +936,8 @@ class _IntoTransaction:
         self._inner, self._tx = inner, tx
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_inner", "_tx"):  # never recurse before __init__
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     def create(self, info: Any) -> None:
