@@ -1,6 +1,6 @@
 """Two-rank save benchmark: DeepSpeed's own checkpoint engine vs torchckpt (sync, async).
 
-    python benchmarks/bench_ranks.py [--params-m 8] [--stage 1] [--iters 5] [--root DIR] [--markdown FILE]
+    python benchmarks/bench_ranks.py [--params-m 8,32] [--stage 1] [--iters 5] [--root DIR] [--report]
 
 Starts two gloo ranks on 127.0.0.1 (ports 29750-29799), builds one DeepSpeed ZeRO engine per rank
 (fp32, AdamW) and times ``engine.save_checkpoint`` with each checkpoint engine in turn, on the
@@ -16,7 +16,8 @@ same engine and the same state:
 Each row is the median of ``--iters`` saves after one warm-up save. DeepSpeed's engine neither
 fsyncs nor checksums, so it is faster than any engine that makes files durable can be on a
 disk that has to write them; the ratio says what durability and verification cost here. The
-table is printed, and appended to ``--markdown`` when given.
+table is printed and, with ``--report``, written into BENCHMARKS.md between the ``bench_ranks``
+markers (the rest of the file is kept).
 """
 
 from __future__ import annotations
@@ -126,10 +127,10 @@ def free_port() -> int:
     raise SystemExit(f"no free port in {PORTS.start}-{PORTS.stop - 1} on 127.0.0.1")
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(params_m: float, args: argparse.Namespace) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="torchckpt-bench-ranks-"))
-    root = Path(args.root) if args.root else work / "ckpt"
-    job = {"params_m": args.params_m, "stage": args.stage, "iters": args.iters, "root": str(root), "out": str(work)}
+    root = Path(args.root) / f"{params_m:g}M" if args.root else work / "ckpt"
+    job = {"params_m": params_m, "stage": args.stage, "iters": args.iters, "root": str(root), "out": str(work)}
     (work / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
@@ -152,52 +153,78 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def table(results: list[dict], args: argparse.Namespace) -> str:
-    def median_of(mode: str, key: str) -> float:
-        per_iter = zip(*(r["modes"][mode] for r in results))
-        return statistics.median(max(row[key] for row in rows) for rows in per_iter)
+NAMES = {
+    "deepspeed": "DeepSpeed TorchCheckpointEngine (no fsync, no checksum)",
+    "torchckpt": "torchckpt (sync)",
+    "torchckpt-async": "torchckpt (async_save=True)",
+}
 
-    size = results[0]["modes"]["deepspeed"][0]["bytes"]
-    base = median_of("deepspeed", "lost")
+
+def table(runs: dict[float, list[dict]], args: argparse.Namespace) -> str:
     setup = (
-        f"2 ranks (gloo, 127.0.0.1), ZeRO-{args.stage}, {args.params_m:g}M fp32 parameters + AdamW, "
-        f"{size / 2**20:.0f} MiB per checkpoint, median of {args.iters} saves:"
+        f"Two ranks (gloo, 127.0.0.1, one CPU thread each), ZeRO-{args.stage}, fp32 parameters + AdamW; "
+        f"median of {args.iters} saves after a warm-up save; the slowest rank's time."
     )
     lines = [
         setup,
         "",
-        "| engine | save_checkpoint blocks | training time lost | until committed | time lost vs DeepSpeed's |",
-        "|---|---:|---:|---:|---:|",
+        "| state | engine | save_checkpoint blocks | training time lost | until committed | time lost vs DeepSpeed's |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for mode in MODES:
-        blocking, lost, committed = (median_of(mode, k) for k in ("blocking", "lost", "committed"))
-        name = {
-            "deepspeed": "DeepSpeed TorchCheckpointEngine (no fsync, no checksum)",
-            "torchckpt": "torchckpt (sync)",
-            "torchckpt-async": "torchckpt (async_save=True)",
-        }[mode]
-        ms = [f"{v * 1e3:.0f} ms" for v in (blocking, lost, committed)]
-        lines.append(f"| {name} | {' | '.join(ms)} | {lost / base:.2f}x |")
+    for params_m, results in runs.items():
+
+        def median_of(mode: str, key: str, results=results) -> float:
+            per_iter = zip(*(r["modes"][mode] for r in results))
+            return statistics.median(max(row[key] for row in rows) for rows in per_iter)
+
+        size = results[0]["modes"]["deepspeed"][0]["bytes"]
+        base = median_of("deepspeed", "lost")
+        for mode in MODES:
+            blocking, lost, committed = (median_of(mode, k) for k in ("blocking", "lost", "committed"))
+            ms = " | ".join(f"{v * 1e3:.0f} ms" for v in (blocking, lost, committed))
+            state = f"{params_m:g}M params, {size / 2**20:.0f} MiB" if mode == MODES[0] else ""
+            lines.append(f"| {state} | {NAMES[mode]} | {ms} | {lost / base:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- bench_ranks: begin -->", "<!-- bench_ranks: end -->"
+
+
+def report(path: Path, text: str, load: tuple[str, str]) -> None:
+    """Put the table into ``path`` between the bench_ranks markers; keep the rest of the file."""
+    footer = (
+        f"Load average at the start / end: {load[0]} / {load[1]} (on {os.cpu_count()} cores); "
+        f"written by `python benchmarks/bench_ranks.py --report` on {time.strftime('%Y-%m-%d')}."
+    )
+    heading = "## Two ranks: `save_checkpoint` on DeepSpeed (`benchmarks/bench_ranks.py`)"
+    body = f"{BEGIN}\n{heading}\n\n{text}\n{footer}\n{END}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip() + "\n\n" + body + "\n"
+    path.write_text(new)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params-m", type=float, default=8.0, help="millions of parameters (default 8)")
+    parser.add_argument("--params-m", default="8,32", help="millions of parameters, comma-separated (default 8,32)")
     parser.add_argument("--stage", type=int, default=1, choices=(1, 2, 3), help="ZeRO stage (default 1)")
     parser.add_argument("--iters", type=int, default=5, help="timed saves per engine (default 5)")
     parser.add_argument("--root", help="checkpoint directory (default: a temporary one)")
-    parser.add_argument("--markdown", help="append the table to this file")
+    parser.add_argument("--report", action="store_true", help="also write the table into BENCHMARKS.md (its own section)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(Path(args.worker).read_text()))
         return
-    text = table(run(args), args)
+    load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    runs = {float(m): run(float(m), args) for m in args.params_m.split(",")}
+    load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = table(runs, args)
     print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text)
+    if args.report:
+        report(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", text, (load_start, load_end))
 
 
 if __name__ == "__main__":
