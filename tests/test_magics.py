@@ -25,6 +25,7 @@ def ip():
     shell.run_line_magic("load_ext", "torchckpt")
     yield shell
     shell.run_line_magic("unload_ext", "torchckpt")
+    shell.config.CkptMagics.pop("root", None)  # unload keeps the root for %reload_ext; forget ours
 
 
 @pytest.fixture
