@@ -57,7 +57,7 @@ def validate_tag(tag: object) -> str:
 def validate_relpath(relpath: str) -> str:
     """A file path inside a tag directory: relative, normalised, no '..', not reserved."""
     p = PurePosixPath(relpath)
-    if not relpath or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or str(p) != relpath:
+    if not p.parts or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or str(p) != relpath:
         raise ManifestError(f"file path {relpath!r} is not a plain relative path inside the tag directory")
     if any(c in relpath for c in "\\\0") or any(unicodedata.category(c).startswith("C") for c in relpath):
         raise ManifestError(f"file path {relpath!r} contains a backslash or control character")
@@ -76,6 +76,8 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         text = json.dumps(metadata, allow_nan=False, default=_reject)
     except (TypeError, ValueError) as e:
         raise ManifestError(f"metadata is not plain JSON (str, int, float, bool, None, list, dict): {e}") from e
+    except RecursionError as e:
+        raise ManifestError("metadata is nested too deeply to be stored as JSON; flatten it") from e
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise ManifestError(
             f"metadata is {len(text.encode())} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed"
@@ -130,6 +132,8 @@ class Manifest:
             doc = json.loads(text)
         except ValueError as e:
             raise ManifestError(f"manifest {source} is not valid JSON ({e}); the tag is unusable until it is re-saved") from e
+        except RecursionError as e:  # a crafted manifest must not break listing the whole root
+            raise ManifestError(f"manifest {source} is nested too deeply to be a torchckpt manifest") from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ManifestError(f"manifest {source} is not a {FORMAT} manifest")
         try:
@@ -150,7 +154,7 @@ class Manifest:
                 files=files,
                 world_size=int(doc.get("world_size", 1)),
                 versions={str(k): str(v) for k, v in dict(doc.get("versions", {})).items()},
-                metadata=dict(doc.get("metadata", {})),
+                metadata=check_metadata(doc.get("metadata", {})),  # the limits a commit enforces
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"manifest {source} is malformed: {e}") from e
