@@ -32,6 +32,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 PORT = 18888
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "03_panel.ipynb"
 TIMEOUT_MS = 60_000  # Playwright's 5 s default is too short on 2 shared cores
+SLOW_MS = 150_000  # starting the kernel, running the whole notebook (imports torch)
 BROWSER_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -139,7 +140,7 @@ def _wait_all_executed(page, expect) -> None:
             const ps = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
             return ps.length > 0 && ps.every(p => /\\[\\d+\\]/.test(p.textContent));
         }""",
-        timeout=TIMEOUT_MS,
+        timeout=SLOW_MS,
     )
     expect(page.locator("#jp-main-statusbar")).to_contain_text(re.compile(r"\|\s*Idle"))
 
@@ -153,8 +154,11 @@ def _run_new_cell(page, expect, code: str) -> str:
     page.keyboard.press("b")  # insert a cell below
     expect(cells).to_have_count(before + 1)
     cell = cells.nth(before)  # by index: Shift+Enter on the last cell appends yet another one
-    cell.locator(".cm-content").click()
+    editor = cell.locator(".cm-content")
+    editor.click()
+    expect(editor).to_be_focused()
     page.keyboard.insert_text(code)  # no key events: no auto-closed brackets or completions
+    expect(editor).to_contain_text(code.splitlines()[-1].strip())
     page.keyboard.press("Shift+Enter")
     expect(cell.locator(".jp-InputArea-prompt")).to_have_text(re.compile(r"\[\d+\]"))
     output = cell.locator(".jp-OutputArea-output")
@@ -181,7 +185,7 @@ def test_panel_save_and_load_in_jupyterlab(tmp_path):
             page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
             status_bar = page.locator("#jp-main-statusbar")
             # The kernel is ready when the status bar names it and reads Idle.
-            expect(status_bar).to_contain_text(re.compile(r"Python 3.*\|\s*Idle"))
+            expect(status_bar).to_contain_text(re.compile(r"Python 3.*\|\s*Idle"), timeout=SLOW_MS)
 
             page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
             page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
