@@ -148,9 +148,14 @@ def test_default_tags(ckpt, root):
     assert ckpt.save(None, {"x": 1}).tag.startswith("ckpt-")
 
 
-def test_resaving_a_tag_replaces_it_entirely(ckpt, root):
+def test_resaving_a_committed_tag_needs_overwrite(ckpt, root):
+    from torchckpt.errors import TagExistsError
+
     ckpt.save("t", {"a": 1, "b": 2})
-    r = ckpt.save("t", {"a": 3})
+    with pytest.raises(TagExistsError, match="'t' already exists .*overwrite=True"):
+        ckpt.save("t", {"a": 3})
+    assert ckpt.verify("t").ok and sorted(p.name for p in (root / "t" / "objects").iterdir()) == ["a.pt", "b.pt"]
+    r = ckpt.save("t", {"a": 3}, overwrite=True)
     assert r.replaced
     assert sorted(p.name for p in (root / "t" / "objects").iterdir()) == ["a.pt"]
     assert ckpt.verify("t").ok

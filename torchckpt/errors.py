@@ -23,6 +23,10 @@ class TagNotFoundError(TorchckptError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TagExistsError(TorchckptError, FileExistsError):
+    """A save would replace a committed checkpoint without being told to."""
+
+
 class IncompleteCheckpointError(TorchckptError, RuntimeError):
     """A tag has no manifest: it was never committed (or was written without torchckpt)."""
 

@@ -86,6 +86,7 @@ def _build_parsers() -> dict[str, _Parser]:
                    help="copy tensors now, write in the background (commits when written)")
     s.add_argument("--no-commit", dest="commit", action="store_false", help="leave uncommitted; see %%ckpt commit")
     s.add_argument("--note", help="a note stored with the checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing committed checkpoint of this tag")
     s.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[], metavar="K=V",
                    help="metrics stored with the checkpoint, e.g. --metric loss=0.12 acc=0.9")
     s.add_argument("--step", type=int, help="the training step (default: the variable `global_step` or `step`)")
@@ -264,7 +265,7 @@ class CkptMagics(Magics, Configurable):
         step = a.step if a.step is not None else infer_step(namespace)
         return self.checkpointer.save(
             a.tag, objects, async_save=a.async_save, commit=a.commit, note=a.note, metrics=metrics,
-            step=step, progress=self._progress(a.progress),
+            step=step, progress=self._progress(a.progress), overwrite=a.overwrite,
         )
 
     def _do_commit(self, a: argparse.Namespace):

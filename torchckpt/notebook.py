@@ -43,6 +43,7 @@ from .errors import (
     NotCheckpointableError,
     ObjectNotFoundError,
     RestoreError,
+    TagExistsError,
     TorchckptError,
 )
 from .manifest import check_metadata, validate_tag
@@ -456,11 +457,13 @@ class Checkpointer:
         metrics: dict | None = None,
         step: int | None = None,
         progress: bool | Callable[[int, int], None] | None = None,
+        overwrite: bool = False,
     ) -> SaveResult:
         """Save ``objects`` (name -> live object) as ``tag``, with the RNG states.
 
         Args:
-            tag: the tag; None picks :meth:`default_tag`. Re-saving a tag replaces it.
+            tag: the tag; None picks :meth:`default_tag`. An incomplete tag (a failed or
+                abandoned save) is replaced; a committed one only with ``overwrite=True``.
             objects: modules, optimizers, schedulers, GradScalers, any ``Stateful``, tensors,
                 NumPy arrays, torch Generators, plain values, DeepSpeed engines.
             async_save: copy tensors to host buffers now, write them in the background.
@@ -500,7 +503,7 @@ class Checkpointer:
         for name, payload in payloads.items():
             state.check_picklable(name, payload, objects[name])
         rng = state.capture_rng()  # the generators as of this moment, like every other object
-        replaced = self._clear_tag(tag)
+        replaced = self._clear_tag(tag, overwrite=overwrite)
         writer = self._async_writer() if async_save else None
         total = sum(state.payload_bytes(p) for p in payloads.values())
         bar = _Progress(progress, total, f"save {tag}", self.progress_min_bytes)
@@ -546,8 +549,15 @@ class Checkpointer:
                 pending.future = self._background().submit(self._commit_quietly, pending)
         return replace(result)
 
-    def _clear_tag(self, tag: str) -> bool:
+    def _clear_tag(self, tag: str, *, overwrite: bool) -> bool:
         """Make room for a new save of ``tag``; True if a previous one was replaced."""
+        if not overwrite and (self.root / tag).is_dir():
+            info = self.store.info(tag)
+            if info.committed or info.problem:
+                raise TagExistsError(
+                    f"checkpoint {tag!r} already exists in {self.root}; choose another tag, or pass "
+                    "overwrite=True (%ckpt save --overwrite) to replace it"
+                )
         with self._lock:
             old = self._pending.pop(tag, None)
             self._failed.pop(tag, None)

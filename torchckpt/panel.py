@@ -573,10 +573,11 @@ class CheckpointPanel:
         if info is not None or tag in self._pending:
             what = "pending" if tag in self._pending else _format.status(info)
             return self._ask(f"{tag!r} exists ({what}): replace it?", "save",
-                             lambda: self._save(tag, names, note, metrics))
+                             lambda: self._save(tag, names, note, metrics, overwrite=True))
         self._save(tag, names, note, metrics)
 
-    def _save(self, tag: str, names: list[str], note: str | None, metrics: dict[str, Any]) -> None:
+    def _save(self, tag: str, names: list[str], note: str | None, metrics: dict[str, Any], *,
+              overwrite: bool = False) -> None:
         objects = {n: self.namespace[n] for n in names}
         commit = self.commit_toggle.value
         self._set_busy("save")
@@ -591,7 +592,8 @@ class CheckpointPanel:
             # The snapshot runs here, on the kernel's thread, so it is consistent with the cell
             # that ran last; the writes and the commit continue in the background.
             result = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
-                                            metrics=metrics or None, step=self._step(), progress=on_snapshot)
+                                            metrics=metrics or None, step=self._step(), progress=on_snapshot,
+                                            overwrite=overwrite)
         except BaseException:
             self._set_idle()
             raise
