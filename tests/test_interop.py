@@ -161,6 +161,8 @@ def test_export_import_round_trip(root, tmp_path):
     ns = {"model": fresh}
     Checkpointer(root).load("imported", ns, names=["model"])
     assert torch.equal(fresh.emb.weight, model.emb.weight) and store.latest() == "imported"
+    everything = Checkpointer(root).load("imported", {"model": Tied()})  # no names: no RNG states to restore
+    assert everything.names == ["model"] and not everything.rng
     with pytest.raises(ExportError, match="'imported' exists already"):
         import_safetensors(store, tmp_path / "m.safetensors", "imported")
     with pytest.raises(ExportError, match="is not a safetensors file"):

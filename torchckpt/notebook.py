@@ -759,7 +759,9 @@ class Checkpointer:
                 raise ObjectNotFoundError(
                     f"checkpoint {tag!r} has no object {name!r}; {hint}it has: {', '.join(saved)}"
                 )
-        restore_rng = (names is None and into is None) if rng is None else rng
+        # Tags made by `torchckpt import` (or other tools) carry no RNG states: nothing to restore.
+        has_rng = bool(info.metadata.get("rng"))
+        restore_rng = (names is None and into is None and has_rng) if rng is None else rng
         sizes = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
         files = [saved[n].get("file") for n in wanted if saved[n].get("file")]
         if restore_rng:
