@@ -217,7 +217,7 @@ def test_lock_timeout_names_the_problem(root):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StoreLockedError, match="held the lock on .* for over 0.2s"):
             save(store, "b", 2.0)
-        assert store.info("b").status == "incomplete"
+        assert store.tags(committed_only=True) == ["a"]  # refused when the transaction begins
     finally:
         holder.kill()
         holder.wait()

@@ -22,7 +22,7 @@ from . import serialization
 from .async_writer import AsyncWriter
 from .errors import CommitError, CorruptCheckpointError, IncompleteCheckpointError
 from .manifest import MANIFEST_NAME, read_manifest, validate_tag
-from .store import CheckpointStore, Transaction, _check_file
+from .store import CheckpointStore, Transaction, _check_file, _file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ class TorchCheckpointEngine(CheckpointEngine):
     def load(self, path: str, map_location: Any = None) -> Any:
         path_p = Path(path)
         tag_dir, relpath = self._locate(path_p)
+        if problem := _file_problem(tag_dir, relpath):
+            raise CorruptCheckpointError(f"checkpoint {tag_dir.name!r} cannot be read safely: {relpath}: {problem}")
         manifest = self._manifest(tag_dir)
         if manifest is None:
             if not self.options.allow_incomplete:

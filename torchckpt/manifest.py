@@ -88,7 +88,10 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
 
 def _reject(obj: object) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # 0-d tensors / numpy scalars in metrics
-        value = obj.item()
+        try:
+            value = obj.item()
+        except (RuntimeError, ValueError) as e:  # a tensor of several elements
+            raise TypeError(f"{type(obj).__name__} of shape {tuple(getattr(obj, 'shape', ()))} is not JSON ({e})") from e
         if isinstance(value, (int, float, bool)) and not (isinstance(value, float) and not math.isfinite(value)):
             return value
     raise TypeError(f"{type(obj).__name__} value {obj!r} is not JSON")

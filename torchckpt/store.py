@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -348,10 +349,17 @@ class CheckpointStore:
         mmap: bool = True,
     ) -> Any:
         """Load one file of a tag, checking it against the manifest first (``verify``)."""
-        tag = self.resolve(tag, allow_incomplete=allow_incomplete)
+        try:
+            tag = self.resolve(tag, allow_incomplete=allow_incomplete)
+            manifest = read_manifest(self.root / tag)
+        except ManifestError as e:
+            if verify or not allow_incomplete:
+                raise ManifestError(f"{e}; to read its files anyway, load with verify=False, allow_incomplete=True") from e
+            tag, manifest = self._existing(tag), None
         validate_relpath(relpath)
         path = self.root / tag / relpath
-        manifest = read_manifest(self.root / tag)
+        if problem := _file_problem(self.root / tag, relpath):
+            raise CorruptCheckpointError(f"checkpoint {tag!r} cannot be read safely: {relpath}: {problem}")
         if manifest is not None:
             rec = manifest.files.get(relpath)
             if rec is None:
@@ -445,7 +453,12 @@ class CheckpointStore:
             leftovers = [p for p in self.root.iterdir() if p.name.startswith(TRASH_PREFIX) or is_tmp_name(p.name)]
             for info in infos:
                 if not info.in_flight and info.tag not in incomplete:
-                    leftovers += [p for p in info.path.rglob(".*") if is_tmp_name(p.name)]
+                    listed = set(info.manifest.files) if info.manifest else set()
+                    leftovers += [
+                        p
+                        for p in info.path.rglob(".*")
+                        if is_tmp_name(p.name) and p.relative_to(info.path).as_posix() not in listed
+                    ]
             kept = [i.tag for i in infos if i.tag not in doomed and i.tag not in incomplete]
             if not dry_run:
                 for tag in doomed + incomplete:
@@ -469,8 +482,28 @@ def _foreign(tag_dir: Path) -> bool:
     return origin(tag_dir) != "torchckpt" and any(tag_dir.iterdir())
 
 
+def _file_problem(tag_dir: Path, relpath: str) -> str | None:
+    """Why reading ``relpath`` is refused: it leads outside ``tag_dir`` through a symbolic link,
+    or is not a regular file (a FIFO would block forever). None when it is safe, or missing."""
+    path = tag_dir / relpath
+    try:
+        real = path.resolve(strict=True)
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return None  # the caller reports it missing
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        return f"unreadable ({getattr(e, 'strerror', None) or e})"
+    if not real.is_relative_to(tag_dir.resolve()):
+        return "leads outside the tag directory (a symbolic link); refusing to read it"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file; refusing to read it"
+    return None
+
+
 def _check_file(tag_dir: Path, rec: FileRecord) -> str | None:
     path = tag_dir / rec.path
+    if problem := _file_problem(tag_dir, rec.path):
+        return f"{rec.path}: {problem}"
     try:
         size, checksum = checksum_file(path)
     except FileNotFoundError:
@@ -517,17 +550,35 @@ class Transaction:
         self._begin()
 
     def _begin(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / WRITING_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        self._lock_fd = fd
-        if (self.dir / MANIFEST_NAME).exists() and self.coordinator.rank == 0:
-            # Re-saving a committed tag: un-commit it first, so no reader trusts a manifest
-            # whose files are being replaced.
-            logger.warning("overwriting committed checkpoint %s: it is incomplete until committed again", self.tag)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / MANIFEST_NAME)
-            fsync_dir(self.dir)
+        # Under the root lock, where gc and delete decide what is in flight: they either remove
+        # an old directory of this tag before we start, or see us writing it - never remove it
+        # from under us.
+        with self.store.lock():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / WRITING_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if self.coordinator.world_size == 1:
+                    # One process per tag: two kernels saving the same tag would interleave
+                    # files and manifests. (The ranks of one multi-rank save share the tag.)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise CheckpointInUseError(
+                            f"checkpoint {self.tag!r} in {self.store.root} is being written by another process "
+                            "or save; wait for its commit, or save under another tag"
+                        ) from None
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd = fd
+            if (self.dir / MANIFEST_NAME).exists() and self.coordinator.rank == 0:
+                # Re-saving a committed tag: un-commit it first, so no reader trusts a manifest
+                # whose files are being replaced.
+                logger.warning("overwriting committed checkpoint %s: it is incomplete until committed again", self.tag)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / MANIFEST_NAME)
+                fsync_dir(self.dir)
 
     def __enter__(self) -> Transaction:
         return self
@@ -568,6 +619,8 @@ class Transaction:
 
     def _write(self, relpath: str, obj: Any) -> None:
         final = self.dir / relpath
+        if not final.parent.resolve().is_relative_to(self.dir.resolve()):
+            raise ManifestError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not written")
         final.parent.mkdir(parents=True, exist_ok=True)
         if self.writer is not None:
             self._pending.append(self.writer.submit(final, obj, on_done=lambda w, r=relpath: self._record(r, w)))
