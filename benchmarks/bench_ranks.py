@@ -163,7 +163,12 @@ NAMES = {
 def table(runs: dict[float, list[dict]], args: argparse.Namespace) -> str:
     setup = (
         f"Two ranks (gloo, 127.0.0.1, one CPU thread each), ZeRO-{args.stage}, fp32 parameters + AdamW; "
-        f"median of {args.iters} saves after a warm-up save; the slowest rank's time."
+        f"median of {args.iters} saves after a warm-up save (min-max in brackets); the slowest rank's time."
+    )
+    note = (
+        "With fewer cores than twice the ranks, `async_save`'s background writes compete with training "
+        "for the CPU, so the next step absorbs part of the write and its time lost varies from run to "
+        "run; with spare cores, or GPUs doing the training, the writes overlap it."
     )
     lines = [
         setup,
@@ -173,18 +178,22 @@ def table(runs: dict[float, list[dict]], args: argparse.Namespace) -> str:
     ]
     for params_m, results in runs.items():
 
-        def median_of(mode: str, key: str, results=results) -> float:
-            per_iter = zip(*(r["modes"][mode] for r in results))
-            return statistics.median(max(row[key] for row in rows) for rows in per_iter)
+        def slowest(mode: str, key: str, results=results) -> list[float]:
+            return [max(row[key] for row in rows) for rows in zip(*(r["modes"][mode] for r in results))]
+
+        def median_of(mode: str, key: str) -> float:
+            return statistics.median(slowest(mode, key))
 
         size = results[0]["modes"]["deepspeed"][0]["bytes"]
         base = median_of("deepspeed", "lost")
         for mode in MODES:
             blocking, lost, committed = (median_of(mode, k) for k in ("blocking", "lost", "committed"))
-            ms = " | ".join(f"{v * 1e3:.0f} ms" for v in (blocking, lost, committed))
+            spread = slowest(mode, "lost")
+            lost_text = f"{lost * 1e3:.0f} ms ({min(spread) * 1e3:.0f}-{max(spread) * 1e3:.0f})"
+            ms = " | ".join([f"{blocking * 1e3:.0f} ms", lost_text, f"{committed * 1e3:.0f} ms"])
             state = f"{params_m:g}M params, {size / 2**20:.0f} MiB" if mode == MODES[0] else ""
             lines.append(f"| {state} | {NAMES[mode]} | {ms} | {lost / base:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", note]) + "\n"
 
 
 BEGIN, END = "<!-- bench_ranks: begin -->", "<!-- bench_ranks: end -->"
