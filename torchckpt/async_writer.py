@@ -426,8 +426,8 @@ class AsyncWriter:
         for key, t in plan.tensors.items():
             if key in copies:
                 continue
-            if _plain(t):  # no bytes: a fresh empty tensor on the same device
-                copies[key] = _like(t, torch.empty(t.shape, dtype=t.dtype, device=t.device))
+            if _plain(t):  # no bytes: a fresh empty tensor on the same device, with the same strides
+                copies[key] = _like(t, torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device))
             else:  # sparse, quantized, conjugated, subclasses: a plain copy (not counted in the cap)
                 copies[key] = t.detach().clone()
         return copies

@@ -41,6 +41,8 @@ DEFAULT_ALLOWLIST: tuple[str, ...] = (
     "builtins.frozenset",
     "builtins.slice",
     "builtins.complex",
+    "builtins.bytes",  # pickle protocol 2 (torch.save's) writes b"" as bytes()
+    "builtins.bytearray",
     "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct",
     "numpy.core.multiarray.scalar",
