@@ -32,6 +32,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -49,6 +50,9 @@ KILL_POINTS = {
     "latest-renamed": "right after `latest` was replaced, before the root directory fsync",
     "async-write": "in a background writer thread, in the middle of writing a data file",
     "commit-wait": "in commit, while background writes are still in flight",
+    "gc-uncommitted": "gc removing an old tag: right after its manifest was deleted",
+    "gc-trashed": "gc removing an old tag: right after it was renamed to a trash directory",
+    "gc-rmtree": "gc removing an old tag: in the middle of deleting the trash directory's files",
     "ds-latest-open": "DeepSpeed's own plain rewrite of `latest`: after open(..., 'w') truncated it",
     "ds-latest-partial": "DeepSpeed's own plain rewrite of `latest`: after half the tag was written",
 }
@@ -159,8 +163,25 @@ def _instrument(killer: _Killer, phase: _Phase) -> None:
             killer.hit("data-write")
         return n
 
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename(src, dst, *a, **kw):
+        real_rename(src, dst, *a, **kw)
+        if os.path.basename(os.fspath(dst)).startswith(".torchckpt-trash-"):
+            killer.hit("gc-trashed")
+
+    def unlink(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        if phase.main == "gc":
+            if kw.get("dir_fd") is not None:
+                killer.hit("gc-rmtree")
+            elif os.path.basename(os.fspath(path)) == MANIFEST:
+                killer.hit("gc-uncommitted")
+
     os.replace = replace
     os.fsync = fsync
+    os.rename = rename
+    os.unlink = unlink
     fileio.HashingWriter.write = write
 
     def traced(owner, name, label, *, background=False):
@@ -222,6 +243,7 @@ def run_saver(args: dict) -> None:
     import torch
 
     from torchckpt import AsyncWriter, CheckpointStore
+    from torchckpt import store as store_mod
 
     killer = _Killer(args.get("kill"))
     phase = _Phase(args.get("phase_file"))
@@ -230,13 +252,26 @@ def run_saver(args: dict) -> None:
     journal = Journal(args["journal"])
     writer = AsyncWriter() if args.get("async") else None
     numel, files = int(args.get("numel", 1 << 18)), int(args.get("files", 2))
+    hold = args.get("hold")  # {"at": "before-commit" | "in-commit-lock", "seconds": s}: stall there
+    if hold and hold["at"] == "in-commit-lock":
+        real_write_manifest = store_mod.write_manifest
+
+        def stalled_write_manifest(*a, **kw):
+            phase.set("holding")
+            time.sleep(hold["seconds"])
+            return real_write_manifest(*a, **kw)
+
+        store_mod.write_manifest = stalled_write_manifest
     for step in range(args["start"], args["start"] + args["steps"]):
-        tag = tag_of(step)
+        tag = args["tag"] if args.get("tag") else tag_of(step)
         journal.note("begin", tag)
         phase.set("begin")
         with store.transaction(tag, writer=writer) as tx:
             for index in range(files):
                 tx.write(f"f{index}.pt" if index % 2 == 0 else f"sub/f{index}.pt", expected_state(step, index, numel))
+            if hold and hold["at"] == "before-commit":
+                phase.set("holding")
+                time.sleep(hold["seconds"])
             tx.commit(metadata={"step": step, "files": files, "numel": numel})
         phase.set("idle")
         journal.note("commit", tag)
