@@ -10,8 +10,9 @@ it too): DeepSpeed's ``TorchCheckpointEngine``, ``torch.save``/``torch.load``, s
 ``torch.distributed.checkpoint`` (``save`` and ``async_save``), torchckpt (a synchronous
 transaction, and one with an ``AsyncWriter``).
 
-Measured per contender, as the median over interleaved repeats (the contender order rotates
-every repeat; one unmeasured warm-up run each comes first):
+Measured per contender, as the median over interleaved repeats (the order of the contenders
+and the floor is shuffled every repeat, with a fixed seed; one unmeasured warm-up run of each
+contender comes first):
 
 - *stall*: how long the caller is blocked by the save call;
 - *durable*: from the start of the save until the bytes are on disk (fsync of the file and its
@@ -39,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -180,8 +182,9 @@ def parse_size(text: str) -> int:
 
 def human(nbytes: float) -> str:
     for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if abs(nbytes) >= size:
-            return f"{nbytes / size:.3g} {unit}"
+        if abs(nbytes) >= 0.95 * size:
+            value = nbytes / size
+            return f"{value:.2f} {unit}".replace(".00 ", " ") if abs(value) < 100 else f"{value:.0f} {unit}"
     return f"{nbytes:.0f} B"
 
 
@@ -369,32 +372,39 @@ def run_once(c: Contender, state: dict, nbytes: int, target: Path, device: str) 
     return row
 
 
-def floors(state: dict, device: str, repeats: int) -> dict[str, float]:
-    """Warm memcpy of the same bytes (pinned D2H on CUDA), and touching the in-memory state."""
-    pin = device == "cuda"
-    dst = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
-    copies, touches = [], []
-    for _ in range(repeats + 1):
+class Floor:
+    """The floors, measured inside every repeat so that they see the same machine as the rest:
+    a warm memcpy of the state's bytes into buffers touched before (pinned device-to-host on
+    CUDA), and touching the in-memory state."""
+
+    name = "floor"
+
+    def __init__(self, state: dict, device: str):
+        self.state, self.device = state, device
+        pin = device == "cuda"
+        self.dst = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
+        self.measure()  # touches the buffers
+
+    def measure(self) -> dict[str, float]:
         t0 = now()
-        for k, v in state.items():
-            if pin:
-                dst[k].copy_(v, non_blocking=True)
+        for k, v in self.state.items():
+            if self.device == "cuda":
+                self.dst[k].copy_(v, non_blocking=True)
             else:  # one memcpy per tensor, as a C program would do it
-                ctypes.memmove(dst[k].data_ptr(), v.data_ptr(), v.untyped_storage().nbytes())
-        sync_device(device)
-        copies.append(now() - t0)
-        t0 = now()
-        touch(state)
-        touches.append(now() - t0)
-    return {"memcpy": statistics.median(copies[1:]), "touch": statistics.median(touches[1:])}
+                ctypes.memmove(self.dst[k].data_ptr(), v.data_ptr(), v.untyped_storage().nbytes())
+        sync_device(self.device)
+        t1 = now()
+        touch(self.state)
+        return {"memcpy": t1 - t0, "touch": now() - t1}
 
 
 def bench_state(name: str, state: dict, contenders: list[Contender], repeats: int, scratch: Path, device: str,
                 slow: float, log) -> dict[str, Any]:
     nbytes = state_bytes(state)
     log(f"state {name}: {len(state)} tensors, {human(nbytes)}")
-    result: dict[str, Any] = {"tensors": len(state), "bytes": nbytes, "floor": floors(state, device, max(3, repeats)),
-                              "runs": {c.name: [] for c in contenders}, "cold": {}}
+    floor = Floor(state, device)
+    result: dict[str, Any] = {"tensors": len(state), "bytes": nbytes, "runs": {c.name: [] for c in contenders},
+                              "floor_runs": [], "order": [], "cold": {}}
     once = set()  # contenders too slow to repeat: measured once after the warm-up
     for c in contenders:  # warm-up: first-touch of buffers, imports, page-cache allocation
         row = run_once(c, state, nbytes, scratch / f"{c.name}-warmup", device)
@@ -403,18 +413,23 @@ def bench_state(name: str, state: dict, contenders: list[Contender], repeats: in
             once.add(c.name)
         log(f"  warm-up {c.name:16s} stall {row['stall']:.3f}s durable {row['durable']:.3f}s load {row['load']:.3f}s"
             + (" (slow: measured once)" if c.name in once else ""))
+    shuffle = random.Random(len(state) * 1000 + repeats)  # a fixed order per state: runs are comparable
     for r in range(repeats):
-        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        # A new order every repeat, so that no contender always follows the same one.
+        order: list[Any] = [c for c in contenders if not (c.name in once and result["runs"][c.name])] + [floor]
+        shuffle.shuffle(order)
+        result["order"].append([c.name for c in order])
         for c in order:
-            if c.name in once and result["runs"][c.name]:
-                continue
-            row = run_once(c, state, nbytes, scratch / f"{c.name}-{r}", device)
-            result["runs"][c.name].append(row)
+            if c is floor:
+                result["floor_runs"].append(floor.measure())
+            else:
+                result["runs"][c.name].append(run_once(c, state, nbytes, scratch / f"{c.name}-{r}", device))
         log(f"  repeat {r + 1}/{repeats} done")
     result["median"] = {
         c.name: {k: statistics.median(row[k] for row in result["runs"][c.name]) for k in result["runs"][c.name][0]}
         for c in contenders
     }
+    result["floor"] = {k: statistics.median(row[k] for row in result["floor_runs"]) for k in ("memcpy", "touch")}
     return result
 
 
@@ -480,15 +495,27 @@ def table(results: dict, state: str) -> list[str]:
     return lines
 
 
+def paired_range(results: dict, state: str, contender: str, metric: str) -> tuple[float, float]:
+    """Min and max over repeats of the ratio within one repeat (the noise between repeats)."""
+    s = results["states"][state]
+    ours, ds = s["runs"][contender], s["runs"]["deepspeed"]
+    if metric == "save_extra":
+        values = [row[metric] / s["bytes"] for row in ours]
+    else:
+        values = [a[metric] / b[metric] for a, b in zip(ours, ds)]
+    return min(values), max(values)
+
+
 def target_rows(results: dict) -> list[str]:
-    lines = ["| target | state | result | goal | met? |", "|---|---|---:|---:|---|"]
+    lines = ["| target | state | median ratio | per-repeat range | goal | met? |", "|---|---|---:|---:|---:|---|"]
     for label, (contender, metric, goal, unit) in TARGETS.items():
         for state in results["states"]:
             if contender not in results["states"][state]["median"] or "deepspeed" not in results["states"][state]["median"]:
                 continue
             value = ratio(results, state, contender, metric)
+            lo, hi = paired_range(results, state, contender, metric)
             verdict = "yes" if value <= goal else f"**no**, {value / goal:.1f}× the goal"
-            lines.append(f"| {label} | {state} | {value:.2f} {unit} | ≤ {goal} | {verdict} |")
+            lines.append(f"| {label} | {state} | {value:.2f} {unit} | {lo:.2f}–{hi:.2f} | ≤ {goal} | {verdict} |")
     return lines
 
 
@@ -581,8 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--sizes", default="64MiB,1GiB", help="state sizes, comma-separated (default: %(default)s)")
     p.add_argument("--shapes", default="few,many", help="few large tensors and/or many small ones (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="measured repeats per contender (default: 5 for states under 256 MiB, 3 above)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="measured repeats per contender (default: %(default)s)")
     p.add_argument("--contenders", default=",".join(c.name for c in CONTENDERS),
                    help="subset, comma-separated (default: all; deepspeed is needed for the ratios)")
     p.add_argument("--dir", type=Path, default=None, help="scratch directory for the files (default: a new temp dir)")
@@ -601,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
     if args.quick:
-        args.sizes, args.repeats = "64MiB", args.repeats or 2
+        args.sizes, args.repeats = "64MiB", 2
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -628,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for size_text in args.sizes.split(","):
             size = parse_size(size_text)
-            repeats = args.repeats or (5 if size < 256 * MiB else 3)
+            repeats = args.repeats
             results["repeats"] = max(results.get("repeats", 0), repeats)
             for shape in args.shapes.split(","):
                 state = make_state(size, shape, args.device)

@@ -95,6 +95,30 @@ def test_caller_may_mutate_and_free_tensors_as_soon_as_save_returns(root):
     writer.shutdown()
 
 
+def test_module_and_optimizer_state_dicts_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    expected_model = {k: v.clone() for k, v in state["model"].items()}
+    expected_optim = {k: v.clone() for k, v in state["optim"]["state"][0].items()}
+    writer = AsyncWriter()
+    future = writer.submit(tmp_path / "m.pt", state)
+    opt.step()  # changes the weights and the optimizer state in place
+    future.result()
+    loaded = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert loaded["model"]._metadata == state["model"]._metadata, "the state_dict's version metadata is kept"
+    assert all(torch.equal(loaded["model"][k], v) for k, v in expected_model.items())
+    assert all(torch.equal(loaded["optim"]["state"][0][k], v) for k, v in expected_optim.items())
+    assert float(loaded["optim"]["state"][0]["step"]) == 1.0
+    assert loaded["optim"]["param_groups"][0]["lr"] == 0.1
+    model.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optim"])
+    writer.shutdown()
+
+
 def test_views_share_one_compacted_storage_in_the_file(tmp_path):
     flat = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB
     state = {"a": flat[1000:1010], "b": flat[1005:1025].view(4, 5), "own": torch.ones(3)}
