@@ -211,3 +211,13 @@ def test_engine_refuses_a_corrupt_file(store):
     lenient = TorchCheckpointEngine(None, verify_on_load=False)
     assert lenient.load(str(path), map_location="cpu")["w"][100] == -1.0
     record("corruption", kind="engine load of a flipped byte", detected=True, refused=True)
+
+
+def test_unreadable_manifest_can_be_bypassed_only_explicitly(store):
+    (store.root / "good" / MANIFEST_NAME).write_text("{ torn")
+    for kwargs in ({}, {"verify": False}, {"allow_incomplete": True}):
+        with pytest.raises(ManifestError, match="to read its files anyway, load with verify=False, allow_incomplete=True"):
+            store.load("good", "model.pt", **kwargs)
+    state = store.load("good", "model.pt", verify=False, allow_incomplete=True)
+    assert torch.equal(state["w"], FILES["model.pt"]["w"])
+    record("corruption", kind="unreadable manifest: explicit bypass", detected=True, refused=True)
