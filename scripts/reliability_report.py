@@ -208,7 +208,7 @@ def render(entries: list[dict], *, counts: dict, rc: int, seconds: float, full: 
                     "Separate processes forked from a warm worker (`tests/_crash_worker.py serve`).",
                     ["saves", "reads_while_saving"])  # fmt: skip
     lines += simple("leftovers", "Leftovers and retention", "Debris from real kills, then `gc` (dry run first).",
-                    ["nth", "incomplete", "tmp_files", "cleaned"])  # fmt: skip
+                    ["incomplete", "tmp_files"])  # fmt: skip
     sec = by["security"]
     pickles = [e for e in sec if e["kind"].startswith("hostile pickle")]
     tags = [e for e in sec if e["kind"] == "bad tag name"]

@@ -109,14 +109,16 @@ class _Phase:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if path else None
         self.main = "start"
         self.background = 0
+        self.lock = threading.Lock()  # the main thread and the writer threads both publish
 
     def set(self, main: str | None = None, background: int = 0) -> None:
-        if main is not None:
-            self.main = main
-        self.background += background
-        if self.fd is not None:
-            text = f"{self.main}|{'async-write' if self.background else ''}".encode()
-            os.pwrite(self.fd, text.ljust(PHASE_BYTES, b" "), 0)
+        with self.lock:
+            if main is not None:
+                self.main = main
+            self.background += background
+            if self.fd is not None:
+                text = f"{self.main}|{'async-write' if self.background else ''}".encode()
+                os.pwrite(self.fd, text.ljust(PHASE_BYTES, b" "), 0)
 
 
 def _instrument(killer: _Killer, phase: _Phase) -> None:
@@ -394,7 +396,7 @@ def _child(args: dict) -> None:
 def serve() -> None:
     import torch
 
-    import torchckpt.async_writer  # noqa: F401 - imported before forking, so children start warm
+    import torchckpt.async_writer
     import torchckpt.store  # noqa: F401
 
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ import torch
 from torchckpt import CheckpointStore, LatestFallbackWarning
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _crash_worker as worker  # noqa: E402
+import _crash_worker as worker
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
 FULL = os.environ.get("TORCHCKPT_FULL") == "1"
@@ -102,9 +102,8 @@ class Zygote:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            with_timeout = self.proc.stdin
-            with_timeout.write(json.dumps({"op": "exit"}) + "\n")
-            with_timeout.flush()
+            self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            self.proc.stdin.flush()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

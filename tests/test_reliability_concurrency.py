@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
-
 from _crash_worker import read_journal, tag_of
 from _reliability import _check_values, count, record, wait_for_phase, zygote  # noqa: F401
+
 from torchckpt import CheckpointStore, LatestFallbackWarning
 from torchckpt.errors import CheckpointInUseError, StoreLockedError
 from torchckpt.store import LOCK_NAME, WRITING_NAME
@@ -135,11 +135,10 @@ def test_locks_of_a_killed_process_are_recovered(zygote, tmp_path, where):
     unfinished = tag_of(2)
     assert store.info(unfinished).status == "incomplete", "a dead writer's tag must not look in flight"
     assert (root / unfinished / WRITING_NAME).exists()
-    started = time.monotonic()
+    # A lock still held would raise StoreLockedError (root) or CheckpointInUseError (the tag) here.
     with store.transaction(unfinished) as tx:  # the same tag: its dead writer's lock is gone too
         tx.write("f0.pt", {"w": torch.ones(1)})
         tx.commit()
-    assert time.monotonic() - started < 2, "waited for a dead process's lock"
     assert store.latest() == unfinished and store.verify(unfinished).ok
     assert store.verify(tag_of(1)).ok
     record("concurrency", kind=f"stale lock after SIGKILL ({where})", recovered=True, ok=True)

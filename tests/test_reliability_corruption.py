@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-
 from _reliability import count, record, rng
+
 from torchckpt import CheckpointStore, LatestFallbackWarning
 from torchckpt.errors import CorruptCheckpointError, ManifestError, TagNotFoundError
 from torchckpt.manifest import MANIFEST_NAME

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _crash_worker import read_journal
 from _reliability import count, record, rng, wait_for_phase, zygote  # noqa: F401
+
 from torchckpt import CheckpointStore
 from torchckpt.errors import CheckpointInUseError
 from torchckpt.store import TRASH_PREFIX

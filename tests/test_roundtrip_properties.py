@@ -8,18 +8,27 @@ call (an async save must hold the values of the moment it was called).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
+import io
 import math
+import shutil
 import tempfile
 
 import pytest
 import torch
+from _reliability import FULL, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
-from _reliability import FULL, record
 from torchckpt import AsyncWriter, CheckpointStore
+
+# Hypothesis keeps caches under .hypothesis/ in the working directory; tests never write there.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="torchckpt-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 DTYPES = [
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -38,6 +47,7 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=not FULL,  # CI runs the same examples every time; the full run explores
+    database=None,  # no .hypothesis/ in the working directory
 )
 
 
@@ -154,6 +164,7 @@ def _assert_same(got, want, path="state") -> None:
     assert type(got) is type(want), f"{path}: {type(got).__name__} != {type(want).__name__}"
     if isinstance(want, torch.Tensor):
         assert got.dtype == want.dtype and got.shape == want.shape, f"{path}: {got.dtype}{tuple(got.shape)}"
+        assert got.device.type == want.device.type, f"{path}: loaded on {got.device}, saved from {want.device}"
         assert _layout(got) == _layout(want), f"{path}: stride {got.stride()} != {want.stride()}"
         assert got.requires_grad == want.requires_grad, path
         assert _bytes(got) == _bytes(want), f"{path}: values differ"
@@ -189,7 +200,7 @@ def _scribble(tensors: list[torch.Tensor]) -> None:
         for t in tensors:
             storage = t.untyped_storage()
             if storage.nbytes():
-                torch.empty(0, dtype=torch.uint8).set_(storage).fill_(0x5A)
+                torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).fill_(0x5A)
 
 
 def _roundtrip(state, *, writer, mmap: bool) -> None:
@@ -227,6 +238,26 @@ def test_async_roundtrip(state, mmap):
     if _WRITER is None:
         _WRITER = AsyncWriter()  # one writer for all examples: its buffers are reused, as in training
     _roundtrip(state, writer=_WRITER, mmap=mmap)
+
+
+def _to_cuda(state):
+    """The state on the GPU, storage sharing kept (torch.load maps every storage once)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, map_location="cuda", weights_only=False)
+
+
+@pytest.mark.gpu
+@given(state=states())
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_cuda_roundtrip_keeps_the_device(state):
+    """CUDA tensors, sync and async (pinned snapshot buffers): loaded back on the GPU, equal."""
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = AsyncWriter()
+    for writer in (None, _WRITER):
+        _roundtrip(_to_cuda(state), writer=writer, mmap=False)
 
 
 def test_record_counts():

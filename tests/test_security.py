@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _reliability import record
+
 from torchckpt import CheckpointStore
 from torchckpt.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidTagError,
     ManifestError,
-    TagNotFoundError,
     UnsafeCheckpointError,
 )
 from torchckpt.manifest import MANIFEST_NAME, MAX_METADATA_BYTES
@@ -177,7 +176,9 @@ def test_non_string_tag_is_refused(tmp_path, tag):
 
 def test_engine_refuses_a_bad_tag(tmp_path):
     pytest.importorskip("deepspeed")
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
+        CheckpointCommitInfo,
+    )
 
     from torchckpt import TorchCheckpointEngine
 
@@ -271,8 +272,8 @@ def _rewrite_manifest(store: CheckpointStore, tag: str, edit) -> None:
 @pytest.fixture
 def spy(monkeypatch):
     """Every path the store checksums or loads."""
-    import torchckpt.serialization as serialization
     import torchckpt.store as store_mod
+    from torchckpt import serialization
 
     seen: list[Path] = []
     real_checksum, real_load = store_mod.checksum_file, serialization.load
