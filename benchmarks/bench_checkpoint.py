@@ -433,6 +433,18 @@ def bench_state(name: str, state: dict, contenders: list[Contender], repeats: in
     return result
 
 
+def pressure() -> dict[str, float]:
+    """Seconds that some task waited for CPU / IO so far (Linux PSI "some" totals), if available."""
+    out = {}
+    for kind in ("cpu", "io"):
+        try:
+            with open(f"/proc/pressure/{kind}") as f:
+                out[kind] = int(f.readline().split("total=")[1]) / 1e6
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def machine(device: str, scratch: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release(), "cores": os.cpu_count()}
     with open("/proc/cpuinfo") as f:
@@ -458,6 +470,7 @@ def machine(device: str, scratch: Path) -> dict[str, Any]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     info["loadavg_start"] = os.getloadavg()
+    info["pressure_start"] = pressure()
     return info
 
 
@@ -475,8 +488,8 @@ def table(results: dict, state: str) -> list[str]:
     med, nbytes, floor = s["median"], s["bytes"], s["floor"]
     gpu = results["device"] == "cuda"
     lines = [
-        "| contender | stall s | ×DS | durable s | ×DS | load s | ×DS | save extra mem | ×state | load extra mem |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| contender | stall s | ×DS | durable s | ×DS | load s | ×DS | save: peak extra memory | ×state |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ds = med.get("deepspeed")
     for name, m in med.items():
@@ -486,12 +499,12 @@ def table(results: dict, state: str) -> list[str]:
         shown = name if n == results["repeats_of"][state] else f"{name} (n={n})"
         lines.append(
             f"| {shown} | {m['stall']:.3f} | {r('stall')} | {m['durable']:.3f} | {r('durable')} | {m['load']:.3f} | "
-            f"{r('load')} | {human(m['save_extra'])} | {m['save_extra'] / nbytes:.2f} | {human(m['load_extra'])} |"
+            f"{r('load')} | {human(m['save_extra'])} | {m['save_extra'] / nbytes:.2f} |"
         )
     copy = "pinned D2H memcpy" if gpu else "warm memcpy"
     rate = nbytes / floor["memcpy"] / 1e9
     lines.append(f"| *floor* | {floor['memcpy']:.3f} ({copy}, {rate:.1f} GB/s) | {floor['memcpy'] / ds['stall']:.2f} | | | "
-                 f"{floor['touch']:.3f} (touch only) | {floor['touch'] / ds['load']:.2f} | | | |")
+                 f"{floor['touch']:.3f} (touch only) | {floor['touch'] / ds['load']:.2f} | | |")
     return lines
 
 
@@ -551,6 +564,14 @@ def chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _stalled(results: dict) -> str:
+    m, seconds = results["machine"], results["seconds"]
+    start, end = m.get("pressure_start", {}), m.get("pressure_end", {})
+    parts = [f"{kind.upper()} {100 * (end[kind] - start[kind]) / seconds:.0f}%" for kind in ("cpu", "io")
+             if kind in start and kind in end]
+    return f"; share of the run during which some task waited (PSI): {', '.join(parts)}" if parts else ""
+
+
 def section(results: dict | None, device: str) -> list[str]:
     title = "CPU" if device == "cpu" else "GPU (CUDA tensors)"
     if results is None:
@@ -564,7 +585,8 @@ def section(results: dict | None, device: str) -> list[str]:
            f"- kernel {m['kernel']}; scratch files on {m.get('filesystem', '?')}",
            "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
            f"- load average (1/5/15 min) at start {tuple(round(x, 1) for x in m['loadavg_start'])}, "
-           f"at end {tuple(round(x, 1) for x in m['loadavg_end'])} — other work on the machine adds noise",
+           f"at end {tuple(round(x, 1) for x in m['loadavg_end'])}" + _stalled(results) +
+           " — other work on the machine adds noise",
            "", "### Targets (ratios within this run)", ""]
     out += target_rows(results)
     for state in results["states"]:
@@ -670,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
         shutil.rmtree(scratch_owner, ignore_errors=True)
     results["machine"]["loadavg_end"] = os.getloadavg()
+    results["machine"]["pressure_end"] = pressure()
     results["seconds"] = now() - started
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out_json = args.results_dir / f"results-{args.device}.json"

@@ -97,3 +97,25 @@ def test_unwritable_directory_is_a_write_error(tmp_path):
         with pytest.raises(WriteError, match="cannot write"):
             with atomic_writer(ro / "f") as w:
                 w.write(b"x")
+
+
+def test_hashing_writer_starts_write_out_as_it_goes(tmp_path, monkeypatch):
+    import torchckpt._fileio as fileio
+
+    started = []
+    monkeypatch.setattr(fileio, "_start_writeback", lambda fd, offset, n: started.append((offset, n)))
+    data = os.urandom(10_000)
+    with atomic_writer(tmp_path / "f", writeback_every=4096) as w:
+        w.write(b"x" * 100)
+        w.write(memoryview(data))  # larger than the interval: split, write-out started inside it
+    assert (tmp_path / "f").read_bytes() == b"x" * 100 + data
+    assert w.result.checksum == "xxh3_128:" + xxhash.xxh3_128(b"x" * 100 + data).hexdigest()
+    assert started == [(0, 4196), (4196, 4096)], "each range once, in order, while writing"
+
+
+def test_sync_file_range_is_found_on_linux():
+    import torchckpt._fileio as fileio
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux only")
+    assert callable(fileio._load_sync_file_range())

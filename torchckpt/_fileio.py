@@ -160,7 +160,9 @@ def _load_sync_file_range():
 
 
 @contextlib.contextmanager
-def atomic_writer(final: Path, *, buffering: int = 1 << 20) -> Iterator[HashingWriter]:
+def atomic_writer(
+    final: Path, *, buffering: int = 1 << 20, writeback_every: int = WRITEBACK_EVERY
+) -> Iterator[HashingWriter]:
     """Yield a hashing stream whose bytes appear under ``final`` only if the block completes.
 
     On success the file is flushed, fsynced and renamed over ``final``; the caller must
@@ -174,7 +176,7 @@ def atomic_writer(final: Path, *, buffering: int = 1 << 20) -> Iterator[HashingW
         raw = open(tmp, "xb", buffering=buffering)  # noqa: SIM115 - closed below on every path
     except OSError as e:
         raise WriteError(e.errno, describe_os_error(e, final)) from e
-    writer = HashingWriter(raw, fd=raw.fileno())
+    writer = HashingWriter(raw, fd=raw.fileno(), writeback_every=writeback_every)
     try:
         try:
             yield writer
