@@ -19,9 +19,10 @@ contender comes first):
   directory; contenders that do not fsync get one, timed, as a user would have to add it);
 - *load*: load with ``map_location`` = the device, then touch every tensor (one byte of every
   4 KiB page, so lazily mapped data is really read);
-- *extra memory*: the process's peak RSS above what it was before the save, plus the memory the
-  contender keeps between saves (torchckpt's reused snapshot buffers); for loads, the peak RSS
-  above the state itself (mapped page-cache pages count).
+- *extra memory* of a save: the process's peak RSS from the start of the save until durable,
+  above the RSS before it, plus the memory the contender keeps between saves (torchckpt's reused
+  snapshot buffers). The JSON also has it for loads (mapped page-cache pages count there, and
+  the allocator's reuse of freed memory hides allocations, so it is not in the tables).
 
 Plus the floors: a warm ``memcpy`` of the same bytes into already-touched buffers (pinned
 device-to-host on CUDA), and touching the in-memory state. Ratios are against DeepSpeed's engine.
@@ -84,6 +85,15 @@ def _status() -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) << 10
     return out
+
+
+def release_free_heap() -> None:
+    """Return the C allocator's free memory to the OS (glibc ``malloc_trim``), so that memory a
+    contender allocates shows up in RSS instead of reusing what an earlier one freed."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak() -> None:
@@ -341,6 +351,7 @@ CONTENDERS = [DeepSpeedEngine, TorchSave, Safetensors, DCP, DCPAsync, Torchckpt,
 def run_once(c: Contender, state: dict, nbytes: int, target: Path, device: str) -> dict[str, float]:
     os.sync()  # the previous run's dirty pages are not this run's to write
     gc.collect()
+    release_free_heap()
     sync_device(device)
     base = _status()["VmRSS"]
     held = c.retained_bytes()
@@ -357,6 +368,7 @@ def run_once(c: Contender, state: dict, nbytes: int, target: Path, device: str) 
     if device == "cuda":
         row["save_gpu_extra"] = torch.cuda.max_memory_allocated() - gpu_base
     gc.collect()
+    release_free_heap()
     base = _status()["VmRSS"]
     reset_peak()
     t3 = now()
@@ -555,7 +567,8 @@ def chart(results: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(states))])
-        ax.set_xticklabels(states, fontsize=8)
+        ax.set_xticklabels([f"{human(results['states'][s]['bytes'])}\n{results['states'][s]['tensors']} tensors"
+                            for s in states], fontsize=8)
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{results['machine'].get('gpu') or results['machine'].get('cpu')} — {results['device']}, "
                  f"medians of {results['repeats']} repeats or fewer (dotted: floors)", fontsize=10)
@@ -573,14 +586,17 @@ def _stalled(results: dict) -> str:
 
 
 def section(results: dict | None, device: str) -> list[str]:
-    title = "CPU" if device == "cpu" else "GPU (CUDA tensors)"
+    title = ("One process, every contender: CPU tensors (`benchmarks/bench_checkpoint.py`)" if device == "cpu"
+             else "One process, every contender: CUDA tensors (`benchmarks/gpu_check.sh`)")
     if results is None:
         return [f"## {title}", "",
                 "Pending: no run on a CUDA machine yet. `benchmarks/gpu_check.sh` runs this benchmark with "
                 "CUDA tensors and the GPU tests in one go.", ""]
     m = results["machine"]
     out = [f"## {title}", "",
-           f"Run {results['date']} with `{results['command']}` ({results['seconds'] / 60:.1f} min).", "",
+           f"Run {results['date']} with `{results['command'].strip()}` ({results['seconds'] / 60:.1f} min). "
+           "Reproduce with `./dev bench` (the same command); options and method: benchmarks/README.md and "
+           "the analysis below.", "",
            f"- machine: {m.get('cpu')}, {m['cores']} cores, {m['memory']} RAM" + (f", {m['gpu']}" if "gpu" in m else ""),
            f"- kernel {m['kernel']}; scratch files on {m.get('filesystem', '?')}",
            "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
@@ -601,7 +617,7 @@ def section(results: dict | None, device: str) -> list[str]:
             out += ["", f"torchckpt-async snapshots at {s['bytes'] / warm['stall'] / 1e9:.1f} GB/s "
                         f"({copy}: {s['bytes'] / s['floor']['memcpy'] / 1e9:.1f} GB/s). Its first save, into "
                         f"fresh buffers, stalled {cold['stall']:.3f} s: fresh memory is paid for once."]
-    out += ["", f"![{title} results](benchmarks/{Path(results['chart']).name})", ""]
+    out += ["", f"![{device} results](benchmarks/{Path(results['chart']).name})", ""]
     return out
 
 
@@ -645,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only rewrite BENCHMARKS.md from benchmarks/results-*.json (e.g. after copying in a GPU run)")
     args = p.parse_args(argv)
     if args.report_only:
+        for device in ("cpu", "cuda"):
+            saved = HERE / f"results-{device}.json"
+            if saved.exists():
+                chart(json.loads(saved.read_text()), HERE / f"results-{device}.png")
         report(REPO / "BENCHMARKS.md")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -409,8 +409,8 @@ class AsyncWriter:
                 dst.copy_(src, non_blocking=region.chunk.pinned)
             else:
                 # One plain memcpy on this thread. torch's copy_ splits copies of 32 KiB and more
-                # over its intra-op threads: as fast on idle cores, but on busy ones it waits for
-                # them (64 MiB in 2048 tensors took 0.67 s instead of 0.03 s on a loaded machine).
+                # over its intra-op threads: as fast on idle cores, but on a loaded machine 64 MiB
+                # in 2048 tensors took 0.67 s with copy_ and 0.03 s with memcpy.
                 ctypes.memmove(dst.data_ptr(), group.ptr + group.lo, size)
             if on_gpu:
                 devices.add(group.device)
