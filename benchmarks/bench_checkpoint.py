@@ -656,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a contender whose warm-up save+load takes longer (s) is measured once, not repeated "
                         "(default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="only the JSON results and chart, not BENCHMARKS.md")
-    p.add_argument("--results-dir", type=Path, default=HERE, help="where results-<device>.json/.png go")
+    p.add_argument("--results-dir", type=Path, default=None,
+                   help="where results-<device>.json/.png go (default: benchmarks/ for the full default run, "
+                        "which also rewrites BENCHMARKS.md; a new temp dir for a partial or --quick run)")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite BENCHMARKS.md from benchmarks/results-*.json (e.g. after copying in a GPU run)")
     args = p.parse_args(argv)
@@ -671,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: CUDA is not available here")
     if args.quick:
         args.sizes, args.repeats = "64MiB", 2
+    full = (args.sizes, args.shapes, args.contenders) == (p.get_default("sizes"), p.get_default("shapes"),
+                                                         p.get_default("contenders"))
+    if args.results_dir is None:
+        args.results_dir = HERE if full else Path(tempfile.mkdtemp(prefix="torchckpt-bench-results-"))
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -725,9 +731,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table(results, state)))
     print()
     print("\n".join(target_rows(results)))
-    if not args.no_report and args.results_dir == HERE:
+    if not args.no_report and args.results_dir.resolve() == HERE:
         report(REPO / "BENCHMARKS.md")
         log("wrote BENCHMARKS.md, " + str(out_json.relative_to(REPO)) + ", " + str(out_png.relative_to(REPO)))
+    else:
+        log(f"wrote {out_json} and {out_png} (BENCHMARKS.md unchanged)")
     return 0
 
 
