@@ -264,11 +264,16 @@ def test_close_returns_the_memory_and_the_writer_stays_usable(tmp_path):
 
 
 def test_unusual_tensors_are_copied_too(tmp_path):
-    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,))
-    conj = torch.tensor([1 + 2j]).conj()
-    state = {"sparse": sparse, "conj": conj}
-    writer = AsyncWriter()
-    writer.submit(tmp_path / "u.pt", state).result()
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,)).coalesce()
+    base = torch.tensor([1 + 2j])
+    state = {"sparse": sparse, "conj": base.conj()}
+    gated = GatedWrite()
+    writer = AsyncWriter(write_file=gated)
+    future = writer.submit(tmp_path / "u.pt", state)
+    sparse.values().zero_()  # in place, after the snapshot
+    base.zero_()
+    gated.gate.set()
+    future.result()
     loaded = torch.load(tmp_path / "u.pt", weights_only=True)
     assert torch.equal(loaded["sparse"].to_dense(), torch.tensor([1.0, 0.0, 2.0, 0.0]))
     assert torch.equal(loaded["conj"].resolve_conj(), torch.tensor([1 - 2j]))

@@ -429,8 +429,10 @@ class AsyncWriter:
                 continue
             if _plain(t):  # no bytes: a fresh empty tensor on the same device, with the same strides
                 copies[key] = _like(t, torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device))
-            else:  # sparse, quantized, conjugated, subclasses: a plain copy (not counted in the cap)
-                copies[key] = t.detach().clone()
+            elif t.device.type in ("cpu", "meta"):  # sparse, quantized, conjugated, subclasses
+                copies[key] = t.detach().clone()  # (not counted in max_inflight_bytes)
+            else:  # ... on a device: a blocking copy to the CPU, ordered after the caller's work
+                copies[key] = t.detach().to("cpu")
         return copies
 
     @staticmethod
