@@ -113,6 +113,21 @@ def test_a_second_save_before_any_step_commits_the_first(ds_dist, tmp_path):
     engine.destroy()
 
 
+def test_a_failed_background_write_stops_the_next_step_naming_the_file(ds_dist, tmp_path):
+    from torchckpt.errors import WriteError
+
+    root = tmp_path / "ckpt"
+    engine = make_engine(seed=0)
+    ours = torchckpt.install(engine, async_save=True)
+    train(engine, 0, 1)
+    engine.save_checkpoint(str(root), tag="bad", client_state={"hook": lambda: 0})  # pickling fails later
+    with pytest.raises(WriteError, match=r"mp_rank_00_model_states\.pt in the background failed"):
+        train(engine, 1, 1)  # DeepSpeed commits the pending checkpoint at this step's boundary
+    assert not CheckpointStore(root).info("bad").committed
+    assert ours.get_commit_info() is None, "the failed checkpoint is no longer pending"
+    engine.destroy()
+
+
 @pytest.mark.gpu
 def test_gpu_async_save_writes_the_snapshot_as_cpu_tensors(ds_dist, tmp_path):
     # The model on the GPU: pinned snapshot, non-blocking copies, then the weights are zeroed.
