@@ -28,7 +28,7 @@ import torch
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torchckpt import _fileio, serialization  # noqa: E402
+from torchckpt import _fileio, serialization
 
 MiB = 1 << 20
 SIZE = 256 * MiB
@@ -69,7 +69,7 @@ def main() -> None:
     for shape in ("few", "many"):
         sd = state(shape)
 
-        def torch_save(crc):
+        def torch_save(crc, sd=sd):
             def run():
                 config.save.compute_crc32 = crc
                 try:
@@ -82,7 +82,7 @@ def main() -> None:
         add(f"torch.save + fsync, {shape}", bench({"with zip CRC-32 (torch's default)": torch_save(True),
                                                     "without (torchckpt)": torch_save(False)}))
 
-        def ours(every):
+        def ours(every, sd=sd):
             def run():
                 with _fileio.atomic_writer(tmp / "o.pt", writeback_every=every) as stream:
                     serialization.save(sd, stream)
@@ -95,11 +95,11 @@ def main() -> None:
         for k, v in sd.items():
             dst[k].copy_(v)
 
-        def copy_():
+        def copy_(sd=sd, dst=dst):
             for k, v in sd.items():
                 dst[k].copy_(v)
 
-        def memmove():
+        def memmove(sd=sd, dst=dst):
             for k, v in sd.items():
                 ctypes.memmove(dst[k].data_ptr(), v.data_ptr(), v.nbytes)
 

@@ -44,7 +44,6 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -228,7 +227,9 @@ class DeepSpeedEngine(Contender):
     name, label = "deepspeed", "DeepSpeed TorchCheckpointEngine"
 
     def __init__(self, device: str):
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine,
+        )
         from deepspeed.runtime.model_checkpointing.config import get_checkpoint_config
 
         # DeepSpeed's own default config: checkpoint_serialization=True (the zip format).
@@ -505,7 +506,7 @@ def table(results: dict, state: str) -> list[str]:
     ]
     ds = med.get("deepspeed")
     for name, m in med.items():
-        def r(k):
+        def r(k, m=m):
             return f"{m[k] / ds[k]:.2f}" if ds else "–"
         n = len(s["runs"][name])
         shown = name if n == results["repeats_of"][state] else f"{name} (n={n})"
@@ -590,33 +591,33 @@ def section(results: dict | None, device: str) -> list[str]:
              else "One process, every contender: CUDA tensors (`benchmarks/gpu_check.sh`)")
     if results is None:
         return [f"## {title}", "",
-                "Pending: no run on a CUDA machine yet. `benchmarks/gpu_check.sh` runs this benchmark with "
-                "CUDA tensors and the GPU tests in one go.", ""]
+                ("Pending: no run on a CUDA machine yet. `benchmarks/gpu_check.sh` runs this benchmark with "
+                 "CUDA tensors and the GPU tests in one go."), ""]
     m = results["machine"]
     out = [f"## {title}", "",
-           f"Run {results['date']} with `{results['command'].strip()}` ({results['seconds'] / 60:.1f} min). "
-           "Reproduce with `./dev bench` (the same command); options and method: benchmarks/README.md and "
-           "the analysis below.", "",
+           (f"Run {results['date']} with `{results['command'].strip()}` ({results['seconds'] / 60:.1f} min). "
+            "Reproduce with `./dev bench` (the same command); options and method: benchmarks/README.md and "
+            "the analysis below."), "",
            f"- machine: {m.get('cpu')}, {m['cores']} cores, {m['memory']} RAM" + (f", {m['gpu']}" if "gpu" in m else ""),
            f"- kernel {m['kernel']}; scratch files on {m.get('filesystem', '?')}",
            "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-           f"- load average (1/5/15 min) at start {tuple(round(x, 1) for x in m['loadavg_start'])}, "
-           f"at end {tuple(round(x, 1) for x in m['loadavg_end'])}" + _stalled(results) +
-           " — other work on the machine adds noise",
+           (f"- load average (1/5/15 min) at start {tuple(round(x, 1) for x in m['loadavg_start'])}, "
+            f"at end {tuple(round(x, 1) for x in m['loadavg_end'])}" + _stalled(results)
+            + " — other work on the machine adds noise"),
            "", "### Targets (ratios within this run)", ""]
     out += target_rows(results)
     for state in results["states"]:
         s = results["states"][state]
-        out += ["", f"### {state}: {s['tensors']} tensors, {human(s['bytes'])}, median of "
-                    f"{results['repeats_of'][state]} repeats", ""]
+        out += ["", (f"### {state}: {s['tensors']} tensors, {human(s['bytes'])}, median of "
+                     f"{results['repeats_of'][state]} repeats"), ""]
         out += table(results, state)
         warm = s["median"].get("torchckpt-async")
         cold = s["cold"].get("torchckpt-async")
         if warm and cold:
             copy = "pinned device-to-host memcpy" if results["device"] == "cuda" else "warm memcpy"
-            out += ["", f"torchckpt-async snapshots at {s['bytes'] / warm['stall'] / 1e9:.1f} GB/s "
-                        f"({copy}: {s['bytes'] / s['floor']['memcpy'] / 1e9:.1f} GB/s). Its first save, into "
-                        f"fresh buffers, stalled {cold['stall']:.3f} s: fresh memory is paid for once."]
+            out += ["", (f"torchckpt-async snapshots at {s['bytes'] / warm['stall'] / 1e9:.1f} GB/s "
+                         f"({copy}: {s['bytes'] / s['floor']['memcpy'] / 1e9:.1f} GB/s). Its first save, into "
+                         f"fresh buffers, stalled {cold['stall']:.3f} s: fresh memory is paid for once.")]
     out += ["", f"![{device} results](benchmarks/{Path(results['chart']).name})", ""]
     return out
 
