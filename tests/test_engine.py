@@ -15,39 +15,7 @@ from torchckpt.manifest import MANIFEST_NAME
 
 deepspeed = pytest.importorskip("deepspeed")
 
-
-def make_engine(stage: int, seed: int):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    config = {
-        "train_batch_size": 4,
-        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 1e-2}},
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-    }
-    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
-    return engine
-
-
-def batch(step: int):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
-
-
-def train(engine, start: int, steps: int) -> list[float]:
-    losses = []
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        loss = ((engine(x) - y) ** 2).mean()
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
-
-
-def params(engine):
-    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+from _training import make_engine, params, train  # noqa: E402
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

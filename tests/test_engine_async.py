@@ -14,38 +14,12 @@ from torchckpt.manifest import MANIFEST_NAME
 
 deepspeed = pytest.importorskip("deepspeed")
 
+from _training import params, train  # noqa: E402
+from _training import make_engine as _make_engine  # noqa: E402
+
 
 def make_engine(seed: int, stage: int = 0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    config = {
-        "train_batch_size": 4,
-        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-    }
-    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
-    return engine
-
-
-def batch(step: int):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
-
-
-def train(engine, start: int, steps: int) -> list[float]:
-    losses = []
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        loss = ((engine(x) - y) ** 2).mean()
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
-
-
-def params(engine):
-    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    return _make_engine(stage, seed, scheduler=False)
 
 
 @pytest.mark.parametrize("stage", [0, 1])
