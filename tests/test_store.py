@@ -235,3 +235,28 @@ def test_gc_keeps_a_tag_whose_manifest_is_unreadable(root):
     plan = store.gc()
     assert plan.incomplete == [] and "a" in store.tags()
     assert "not valid JSON" in store.verify("a").problems[0]
+
+
+def test_list_while_files_appear_and_vanish(root, monkeypatch):
+    """A writer renaming its temporary files (or gc removing a tag) while we list must not break ls."""
+    from pathlib import Path
+
+    store = CheckpointStore(root)
+    save(store, "a", 1.0)
+    tx = store.transaction("busy")
+    tx.write("model.pt", {"w": torch.zeros(8)})
+    ghost = root / "busy" / ".x.pt.tmp-1-abcd"
+    real_rglob = Path.rglob
+
+    def rglob_with_a_vanished_file(self, pattern):
+        yield from real_rglob(self, pattern)
+        if self.name == "busy":
+            yield ghost  # listed, then renamed away before we could stat it
+
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "rglob", rglob_with_a_vanished_file)
+    # It was still there when checked; gone when its size was read.
+    monkeypatch.setattr(Path, "is_file", lambda self: self == ghost or real_is_file(self))
+    infos = {i.tag: i for i in store.list()}
+    assert infos["busy"].status == "writing" and infos["busy"].size > 0
+    tx.abort()

@@ -216,7 +216,7 @@ class CheckpointStore:
             created, size = manifest.created, manifest.size
         else:
             created = tag_dir.stat().st_mtime
-            size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file() and not p.is_symlink())
+            size = _bytes_on_disk(tag_dir)
         return CheckpointInfo(
             tag=tag,
             path=tag_dir,
@@ -239,9 +239,11 @@ class CheckpointStore:
             if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith("."):
                 try:
                     validate_tag(entry.name)
+                    infos.append(self._info(entry, latest))
                 except ValueError:
                     continue
-                infos.append(self._info(entry, latest))
+                except FileNotFoundError:  # removed (gc, rm in another kernel) while we listed it
+                    continue
         return sorted(infos, key=lambda i: (i.created, i.tag))
 
     def tags(self, *, committed_only: bool = False) -> list[str]:
@@ -470,6 +472,19 @@ class CheckpointStore:
                         with contextlib.suppress(FileNotFoundError):
                             path.unlink()
         return GcPlan(committed=doomed, incomplete=incomplete, leftovers=leftovers, kept=kept, dry_run=dry_run)
+
+
+def _bytes_on_disk(tag_dir: Path) -> int:
+    """Bytes of the regular files under a tag directory that a writer may be changing right now."""
+    total = 0
+    for path in tag_dir.rglob("*"):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # a temporary file renamed, or a tag removed, while we looked
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
 
 
 def _describe(e: Exception) -> str:
