@@ -131,3 +131,16 @@ def render_table(rows: Iterable[Mapping[str, str]], columns: Sequence[str] = COL
     lines = ["  ".join(c.ljust(widths[c]) for c in shown).rstrip()]
     lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in shown).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``--keep-last N`` (shared by %ckpt and the CLI)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from . import __version__
+from . import __version__, _format
 from .errors import (
     CheckpointInUseError,
     DeviceUnavailableError,
@@ -111,7 +111,6 @@ def _plural(n: int, word: str) -> str:
 
 # -- ls ------------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
-    from . import _format
 
     store = _store(args.root)
     infos = store.list()
@@ -127,7 +126,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 # -- info ----------------------------------------------------------------------------------------
 def _tag_facts(store, info) -> dict[str, Any]:
-    from . import _format
     from .store import scan_files
 
     manifest = info.manifest
@@ -150,7 +148,6 @@ def _tag_facts(store, info) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import _format
     from .inspect import inspect_file
 
     store = _store(args.root)
@@ -211,7 +208,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
-    from . import _format
     from .inspect import foreign_globals
 
     if s.error:
@@ -241,7 +237,6 @@ def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
 
 # -- verify --------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
-    from . import _format
 
     store = _store(args.root)
     if args.all and args.tag:
@@ -342,7 +337,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 # -- export / import / adopt ---------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import _format
     from .interop import export_safetensors
 
     store = _store(args.root)
@@ -359,7 +353,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from . import _format
     from .interop import import_safetensors
 
     src = Path(args.file)
@@ -448,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Remove incomplete tags nobody is writing, leftovers of interrupted writes and, with --keep-last N,\n"
                 "committed tags older than the newest N. Never removes `latest`, a tag being written, or a\n"
                 "checkpoint DeepSpeed's own engine wrote (adopt it to manage it).")  # fmt: skip
-    p.add_argument("--keep-last", type=_positive_int, metavar="N", help="keep the newest N committed tags")
+    p.add_argument("--keep-last", type=_format.positive_int, metavar="N", help="keep the newest N committed tags")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -486,16 +479,6 @@ def _load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
                    help="a global safe loading may allow (repeatable)")  # fmt: skip
     p.add_argument("--trusted", action="store_true", help="load with weights_only=False: runs pickled code, trusted files only")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _status_meanings() -> dict[str, str]:

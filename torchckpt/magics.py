@@ -22,6 +22,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from traitlets import Bool, CaselessStrEnum, Unicode
 from traitlets.config import Configurable
 
+from . import _format
 from .errors import TorchckptError
 
 #: The subcommands, in the order ``%ckpt?`` lists them.
@@ -58,16 +59,6 @@ class _Parser(argparse.ArgumentParser):
                 self.error(f"unrecognized arguments: {' '.join(extra)}")
             setattr(ns, many[0].dest, list(getattr(ns, many[0].dest) or []) + extra)
         return ns
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def _build_parsers() -> dict[str, _Parser]:
@@ -124,7 +115,7 @@ def _build_parsers() -> dict[str, _Parser]:
     r.add_argument("tags", nargs="+")
     r.add_argument("--force", action="store_true", help="also remove the tag 'latest' points to")
     g = new("gc", "Remove incomplete checkpoints, leftovers and, with --keep-last, older committed ones.")
-    g.add_argument("--keep-last", type=_positive_int, metavar="N", help="keep the newest N committed tags")
+    g.add_argument("--keep-last", type=_format.positive_int, metavar="N", help="keep the newest N committed tags")
     g.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     dr = new("dir", "Show or set the checkpoint root (also: %config CkptMagics.root = 'path').")
     dr.add_argument("path", nargs="?")
