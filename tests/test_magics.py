@@ -348,7 +348,7 @@ def test_completion_of_subcommands_tags_names_and_options(ip, root):
         ("%ckpt load alpha --map-location cuda:0" if not torch.cuda.is_available() else "%ckpt load zz",
          "CUDA is not available" if not torch.cuda.is_available() else "no checkpoint"),
         ("%ckpt gc --keep-last 0", "must be at least 1"),
-        ("%ckpt gc --keep-last x", "is not an integer"),
+        ("%ckpt gc --keep-last x", "is not a whole number"),
         ("%ckpt diff", "the following arguments are required: a"),
         ("%ckpt save --bogus", "unrecognized arguments: --bogus"),
         ("%ckpt load 'unclosed", "No closing quotation"),
