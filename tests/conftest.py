@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _net import free_port
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,19 +22,6 @@ def root(tmp_path):
     return tmp_path / "ckpts"
 
 
-def _free_port(first: int, last: int) -> int:
-    import socket
-
-    for port in range(first, last + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {first}-{last} on 127.0.0.1")
-
-
 @pytest.fixture(scope="session")
 def ds_dist():
     """torch.distributed initialised once per test session: one gloo rank on 127.0.0.1.
@@ -46,6 +34,6 @@ def ds_dist():
     if not dist.is_initialized():
         # DeepSpeed reads these again in every initialize(), so they stay set for the session.
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ["MASTER_PORT"] = str(_free_port(29500, 29599))
+        os.environ["MASTER_PORT"] = str(free_port(range(29500, 29600)))
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     return dist

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from _net import free_port
 
 from torchckpt import CheckpointStore
 from torchckpt._distributed import TorchDistributedCoordinator, _host_id, _start_time
@@ -198,17 +198,6 @@ def test_one_file_written_differently_by_two_ranks_is_refused(root):
 
 
 # -- DeepSpeed on two processes ------------------------------------------------------------------
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1} on 127.0.0.1")
-
-
 def run_job(tmp_path: Path, scenario: str, *, torchrun: bool = False, timeout: float = 150, **options) -> dict:
     """Run a two-rank job of tests/_dist_worker.py; return {"ranks": {r: findings}, "codes": [...]}."""
     out = tmp_path / f"job-{scenario}"
@@ -217,7 +206,7 @@ def run_job(tmp_path: Path, scenario: str, *, torchrun: bool = False, timeout: f
            "async_save": False, "commit_timeout": 30.0, **options}
     (out / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port(PORTS)), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["DS_ACCELERATOR"] = "cpu"  # gloo ranks train on the CPU, GPU or not
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from _crash_worker import KILL_POINTS, read_journal, step_of
+from _net import free_port
 from _reliability import (  # noqa: F401
     WORKER,
     Zygote,
@@ -151,14 +151,7 @@ def test_killed_at_random_instants(zygote, tmp_path, mode):
 def _free_port(r) -> int:
     ports = list(range(29800, 29850))
     r.shuffle(ports)
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 29800-29849 on 127.0.0.1")
+    return free_port(ports)
 
 
 def _deepspeed_trial(campaign: Campaign, r, *, mode: str, kill: dict | None, delay: float | None) -> tuple[Path, str]:
