@@ -455,3 +455,25 @@ def test_load_onto_cpu_restores_a_cuda_model_in_place(make_panel, ns):
     p.wait()
     assert p.last_error is None, p.status.value
     assert model[0].weight.device.type == "cuda" and torch.equal(model[0].weight, before)
+
+
+def test_load_restores_on_the_kernel_thread_even_with_a_background_executor(make_panel, ns):
+    """A restore must not run beside the next cell: Load never goes to the background executor."""
+    held = HeldExecutor()
+    p = make_panel(executor=held)
+    p.tag_input.value = "base"
+    p.save_button.click()
+    held.run_all()
+    p.wait()
+    assert p.checkpointer.store.info("base").committed
+    model = ns["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    p.select("base")
+    p.load_button.click()
+    assert not held.jobs, "the load must not wait for the background executor"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert "loaded 'base'" in text(p.status)

@@ -10,8 +10,9 @@ It is a shell: every button calls one Checkpointer (or store) method and renders
 Threads. Widget callbacks run on the kernel's main thread, between cells. Save takes its
 snapshot there (the async path: tensors are copied into host buffers, so the checkpoint holds
 the values of the moment of the click even if a cell changes them right after), then the
-writes, the commit and every other action (load, verify, diff, delete) run on a worker thread,
-so the kernel stays free. Workers touch widgets only by setting traits (never ``with out:``)
+writes, the commit, verify, diff and delete run on a worker thread, so the kernel stays free.
+Load alone runs in the callback: it changes the live objects, and on the kernel's thread no cell
+can run halfway through it. Workers touch widgets only by setting traits (never ``with out:``)
 and log through ``Output.outputs``. Headless tests pass a synchronous ``executor``.
 """
 
@@ -525,8 +526,10 @@ class CheckpointPanel:
         return update
 
     # -- background jobs -------------------------------------------------------------------------
-    def _run(self, action: str, job: Callable[[], bool | None], *, busy: bool = False) -> None:
-        """Run ``job`` on the executor; its errors are shown; the table is refreshed afterwards."""
+    def _run(self, action: str, job: Callable[[], bool | None], *, busy: bool = False,
+             on_kernel_thread: bool = False) -> None:
+        """Run ``job`` on the executor (or, ``on_kernel_thread``, right here in the widget
+        callback); its errors are shown; the table is refreshed afterwards."""
         if not busy:
             self._set_busy(action)
 
@@ -542,6 +545,9 @@ class CheckpointPanel:
                 self._set_idle()
                 self._safely("refresh", self.refresh)
 
+        if on_kernel_thread:
+            work()
+            return
         try:
             self._future = self._executor.submit(work)
         except Exception:
@@ -658,7 +664,10 @@ class CheckpointPanel:
             for note in result.notes:
                 self._log(f"note: {note}")
 
-        self._run("load", job)
+        # Restoring changes the live objects: it runs in the widget callback, on the kernel's own
+        # thread, so no cell can run (and train) halfway through it. Progress still reaches the
+        # front end, which the kernel messages while it works.
+        self._run("load", job, on_kernel_thread=True)
 
     def _load_names(self, tag: str) -> list[str] | None:
         """Everything saved in ``tag`` except the objects unticked in the objects list (None: all)."""
