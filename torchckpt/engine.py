@@ -18,11 +18,10 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 from deepspeed.utils import log_dist
 
-from . import serialization
 from .async_writer import AsyncWriter
-from .errors import CommitError, CorruptCheckpointError, IncompleteCheckpointError
-from .manifest import MANIFEST_NAME, read_manifest, validate_tag
-from .store import CheckpointStore, Transaction, _check_file, _file_problem
+from .errors import CommitError
+from .manifest import MANIFEST_NAME, validate_tag
+from .store import CheckpointStore, Transaction
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,6 @@ class TorchCheckpointEngine(CheckpointEngine):
         )
         self._tx: Transaction | None = None
         self._info: CheckpointCommitInfo | None = None
-        self._manifests: dict[Path, Any] = {}
         self._committed: str | None = None
         log_dist(f"[{ENGINE_NAME}] initialized (async_save={self.options.async_save})", ranks=[0])
 
@@ -151,7 +149,6 @@ class TorchCheckpointEngine(CheckpointEngine):
         store = CheckpointStore(info.save_dir)
         self._tx = store.transaction(info.tag, writer=self._writer, coordinator=self._coordinator())
         self._info = info
-        self._manifests.pop(self._tx.dir.resolve(), None)
 
     def _coordinator(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -212,29 +209,20 @@ class TorchCheckpointEngine(CheckpointEngine):
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, path: str, map_location: Any = None) -> Any:
-        path_p = Path(path)
-        tag_dir, relpath = self._locate(path_p)
-        if problem := _file_problem(tag_dir, relpath):
-            raise CorruptCheckpointError(f"checkpoint {tag_dir.name!r} cannot be read safely: {relpath}: {problem}")
-        manifest = self._manifest(tag_dir)
-        if manifest is None:
-            if not self.options.allow_incomplete:
-                raise IncompleteCheckpointError(
-                    f"{tag_dir} has no {MANIFEST_NAME}: the checkpoint was never committed, or was written "
-                    "by another engine; adopt it with `torchckpt adopt`, or pass allow_incomplete=True"
-                )
-        elif self.options.verify_on_load:
-            rec = manifest.files.get(relpath)
-            if rec is None:
-                raise CorruptCheckpointError(f"{path} is not listed in the manifest of {tag_dir.name!r}")
-            if problem := _check_file(tag_dir, rec):
-                raise CorruptCheckpointError(f"checkpoint {tag_dir.name!r} is corrupt: {problem}")
+        """Load one file through the store: refused if its tag is incomplete (unless
+        ``allow_incomplete``), verified against the manifest (``verify_on_load``), weights-only."""
+        tag_dir, relpath = self._locate(Path(path))
         if map_location is None:
             map_location = self.options.map_location
-        map_location = _for_this_rank(map_location)
         log_dist(f"[{ENGINE_NAME}] loading {path}", ranks=[0])
-        return serialization.load(
-            path_p, map_location=map_location, allow=self.options.allow, trusted=self.options.trusted
+        return CheckpointStore(tag_dir.parent).load(
+            tag_dir.name,
+            relpath,
+            map_location=_for_this_rank(map_location),
+            verify=self.options.verify_on_load,
+            allow=self.options.allow,
+            trusted=self.options.trusted,
+            allow_incomplete=self.options.allow_incomplete,
         )
 
     def _locate(self, path: Path) -> tuple[Path, str]:
@@ -244,18 +232,6 @@ class TorchCheckpointEngine(CheckpointEngine):
             if (parent / MANIFEST_NAME).exists():
                 return parent, path.relative_to(parent).as_posix()
         return path.parent, path.name
-
-    def _manifest(self, tag_dir: Path):
-        key = tag_dir.resolve()
-        try:
-            mtime = (tag_dir / MANIFEST_NAME).stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
-        cached = self._manifests.get(key)
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, read_manifest(tag_dir))
-            self._manifests[key] = cached
-        return cached[1]
 
 
 def _for_this_rank(map_location: Any) -> Any:
