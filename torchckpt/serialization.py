@@ -198,11 +198,12 @@ def load(
     """
     path = Path(path)
     location = resolve_map_location(map_location)
-    use_mmap = mmap and _is_zip(path)
+    is_zip = _is_zip(path)
+    use_mmap = mmap and is_zip
     if trusted:
         return _torch_load(path, location, weights_only=False, mmap=use_mmap)
     entries: list[Any] = []
-    if _is_zip(path):  # the zip format lets us list every global up front, without unpickling
+    if is_zip:  # the zip format lets us list every global up front, without unpickling
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         entries, missing = _allowed_globals(needed, allow)
         if missing:
