@@ -142,7 +142,7 @@ def test_coordinator_refuses_bad_arguments():
 
 
 def test_map_location_placeholders_are_this_ranks(monkeypatch):
-    from torchckpt.engine import TorchCheckpointEngine, _for_this_rank
+    from torchckpt.deepspeed.engine import TorchCheckpointEngine, _for_this_rank
 
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert _for_this_rank("cuda:{local_rank}") == "cuda:3"

@@ -29,7 +29,7 @@ from .errors import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
-    from .engine import TorchCheckpointEngine, install
+    from .deepspeed.engine import TorchCheckpointEngine, install
     from .notebook import Checkpointer
     from .panel import CheckpointPanel
     from .state import Stateful
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 # name -> module that defines it; imported on first access (PEP 562).
 _LAZY = {
-    "TorchCheckpointEngine": "engine",
-    "install": "engine",
+    "TorchCheckpointEngine": "deepspeed.engine",
+    "install": "deepspeed.engine",
     "CheckpointStore": "store",
     "CheckpointInfo": "store",
     "Transaction": "store",

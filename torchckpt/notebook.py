@@ -512,7 +512,9 @@ class Checkpointer:
             tx = self.store.transaction(tag, writer=writer)
             for name, kind in kinds.items():
                 if kind == "deepspeed":
-                    _save_engine(objects[name], self.root, tx)
+                    from .deepspeed.notebook import save_engine  # imports DeepSpeed
+
+                    save_engine(objects[name], self.root, tx)
             for name, payload in payloads.items():
                 try:
                     tx.write(files[name], payload)
@@ -789,7 +791,10 @@ class Checkpointer:
         finally:
             bar.close()
         plan = state.plan_restore(entries, namespace, strict=strict, into=into, rng=rng_state)
-        plan.load_engine = lambda step: _load_engine(step.live, self.root, tag, strict=step.strict)
+        if any(step.kind == "deepspeed" for step in plan.steps):
+            from .deepspeed.notebook import load_engine  # imports DeepSpeed
+
+            plan.load_engine = lambda step: load_engine(step.live, self.root, tag, strict=step.strict)
         notes = plan.warnings + plan.apply()
         for note in notes:
             logger.info("load %s: %s", tag, note)
@@ -914,72 +919,3 @@ def parse_metrics(items: Iterable[str]) -> dict[str, Any]:
             raise ValueError(f"metric {item!r} is not a finite number")
         metrics[key.strip()] = parsed
     return metrics
-
-
-# -- DeepSpeed engines --------------------------------------------------------------------------
-def _ensure_engine(ds_engine: Any) -> None:
-    from .engine import TorchCheckpointEngine, install
-
-    if not isinstance(getattr(ds_engine, "checkpoint_engine", None), TorchCheckpointEngine):
-        install(ds_engine)
-
-
-def _save_engine(ds_engine: Any, root: Path, tx: Transaction) -> None:
-    """The engine writes its own files with its own ``save_checkpoint``, into the notebook's
-    transaction: one commit, one manifest, for the engine and the other objects alike."""
-    _ensure_engine(ds_engine)
-    ours = ds_engine.checkpoint_engine
-    info = ours.get_commit_info() if ours.is_decoupled() else None
-    if info is not None:  # an earlier async engine.save_checkpoint still waiting for its commit
-        ours.commit(info)
-    ds_engine.checkpoint_engine = _IntoTransaction(ours, tx)
-    try:
-        ds_engine.save_checkpoint(str(root), tag=tx.tag, save_latest=False)
-    finally:
-        ds_engine.checkpoint_engine = ours
-
-
-class _IntoTransaction:
-    """Stands in for a DeepSpeed engine's checkpoint engine during a notebook save: DeepSpeed's
-    files go into the notebook's transaction, which commits them with everything else.
-    Anything else DeepSpeed asks (``is_data_parallel_writer``...) the installed engine answers."""
-
-    def __init__(self, inner: Any, tx: Transaction):
-        self._inner, self._tx = inner, tx
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_inner", "_tx"):  # never recurse before __init__
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-    def create(self, info: Any) -> None:
-        tag = getattr(info, "tag", info)
-        if tag != self._tx.tag:
-            raise CommitError(f"DeepSpeed began checkpoint {tag!r} inside the notebook save of {self._tx.tag!r}")
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        os.makedirs(path, exist_ok=exist_ok)
-
-    def save(self, state_dict: Any, path: str) -> None:
-        self._tx.write(self._tx.relpath(path), state_dict)
-
-    def commit(self, info: Any) -> bool:
-        return True  # the notebook transaction commits
-
-    def is_decoupled(self) -> bool:
-        return False
-
-    def get_commit_info(self) -> None:
-        return None
-
-    def preserves_storage_sharing(self) -> bool:
-        # torch.save writes whole storages (so DeepSpeed clones views first); the async
-        # writer's snapshot keeps only the spans that views use.
-        return self._tx.writer is None
-
-
-def _load_engine(ds_engine: Any, root: Path, tag: str, *, strict: bool) -> None:
-    _ensure_engine(ds_engine)
-    path, _ = ds_engine.load_checkpoint(str(root), tag=tag, load_module_strict=strict)
-    if path is None:
-        raise RestoreError(f"DeepSpeed could not load checkpoint {tag!r} from {root}")

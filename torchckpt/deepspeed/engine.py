@@ -8,8 +8,10 @@ manifest with checksums as the commit marker, an atomic ``latest``, verified and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,10 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 from deepspeed.utils import log_dist
 
-from .async_writer import AsyncWriter
-from .errors import CommitError
-from .manifest import MANIFEST_NAME, validate_tag
-from .store import CheckpointStore, Transaction
+from ..async_writer import AsyncWriter
+from ..errors import CommitError
+from ..manifest import MANIFEST_NAME, validate_tag
+from ..store import CheckpointStore, Transaction
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +129,16 @@ class TorchCheckpointEngine(CheckpointEngine):
         self._tx: Transaction | None = None
         self._info: CheckpointCommitInfo | None = None
         self._committed: str | None = None
+        self._joined: Transaction | None = None  # see joined()
         log_dist(f"[{ENGINE_NAME}] initialized (async_save={self.options.async_save})", ranks=[0])
 
     # -- the transaction -----------------------------------------------------------------
     def create(self, info: CheckpointCommitInfo | str) -> None:
         tag = validate_tag(_tag_of(info))
+        if self._joined is not None:
+            if tag != self._joined.tag:
+                raise CommitError(f"DeepSpeed began checkpoint {tag!r} inside the save of {self._joined.tag!r}")
+            return
         if self._tx is not None and self._writer is not None and self._info is not None:
             self.commit(self._info)  # the previous async save, not yet committed by DeepSpeed
         elif self._tx is not None:
@@ -152,7 +159,7 @@ class TorchCheckpointEngine(CheckpointEngine):
 
     def _coordinator(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            from ._distributed import TorchDistributedCoordinator
+            from .._distributed import TorchDistributedCoordinator
 
             return TorchDistributedCoordinator(timeout=self.options.commit_timeout)
         return None
@@ -161,6 +168,9 @@ class TorchCheckpointEngine(CheckpointEngine):
         os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict: Any, path: str) -> None:
+        if self._joined is not None:
+            self._joined.write(self._joined.relpath(path), state_dict)
+            return
         if self._tx is None and self._info is not None and not self._info.save_dir:
             self._begin(CheckpointCommitInfo(self._info.tag, _save_dir_of(Path(path), self._info.tag), True))
         if self._tx is None:
@@ -170,8 +180,23 @@ class TorchCheckpointEngine(CheckpointEngine):
             )
         self._tx.write(self._tx.relpath(path), state_dict)
 
+    @contextlib.contextmanager
+    def joined(self, tx: Transaction) -> Iterator[None]:
+        """DeepSpeed's ``save_checkpoint`` inside the block writes into ``tx`` (a notebook save, which
+        holds other objects too): ``create`` checks the tag, ``save`` writes into ``tx``, ``commit``
+        leaves the commit to ``tx``'s owner. Synchronous, so DeepSpeed never defers the commit."""
+        if self._tx is not None and self._writer is not None and self._info is not None:
+            self.commit(self._info)  # an earlier async save_checkpoint still waiting for its commit
+        self._joined = tx
+        try:
+            yield
+        finally:
+            self._joined = None
+
     def commit(self, info: CheckpointCommitInfo | str) -> bool:
         tag = _tag_of(info)
+        if self._joined is not None:
+            return True  # the joined transaction's owner commits
         save_latest = True if isinstance(info, str) else info.save_latest
         tx = self._tx
         if tx is None or tx.tag != tag:
@@ -189,7 +214,7 @@ class TorchCheckpointEngine(CheckpointEngine):
 
     # -- async (decoupled) protocol --------------------------------------------------------
     def is_decoupled(self) -> bool:
-        return self._writer is not None
+        return self._writer is not None and self._joined is None
 
     def get_commit_info(self) -> CheckpointCommitInfo | None:
         return self._info if self._tx is not None and self._writer is not None else None
@@ -199,7 +224,8 @@ class TorchCheckpointEngine(CheckpointEngine):
 
     def preserves_storage_sharing(self) -> bool:
         # In async mode our snapshot compacts views itself, so DeepSpeed need not clone first.
-        return self._writer is None
+        writer = self._joined.writer if self._joined is not None else self._writer
+        return writer is None
 
     def cleanup(self) -> None:
         if self._tx is not None and self._writer is not None and self._info is not None:
