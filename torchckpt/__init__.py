@@ -29,7 +29,10 @@ from .errors import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
+    from .deepspeed.enable import Enabled, enable
     from .deepspeed.engine import TorchCheckpointEngine, install
+    from .deepspeed.hf import last_committed_checkpoint
+    from .deepspeed.lightning import LightningCallback
     from .notebook import Checkpointer
     from .panel import CheckpointPanel
     from .state import Stateful
@@ -39,6 +42,10 @@ if TYPE_CHECKING:
 _LAZY = {
     "TorchCheckpointEngine": "deepspeed.engine",
     "install": "deepspeed.engine",
+    "enable": "deepspeed.enable",
+    "Enabled": "deepspeed.enable",
+    "last_committed_checkpoint": "deepspeed.hf",
+    "LightningCallback": "deepspeed.lightning",
     "CheckpointStore": "store",
     "CheckpointInfo": "store",
     "Transaction": "store",
@@ -60,9 +67,11 @@ __all__ = [
     "CommitError",
     "CorruptCheckpointError",
     "DeviceUnavailableError",
+    "Enabled",
     "IncompleteCheckpointError",
     "InvalidTagError",
     "LatestFallbackWarning",
+    "LightningCallback",
     "ManifestError",
     "NotCheckpointableError",
     "ObjectNotFoundError",
@@ -76,7 +85,9 @@ __all__ = [
     "UnsafeCheckpointError",
     "VerifyReport",
     "WriteError",
+    "enable",
     "install",
+    "last_committed_checkpoint",
 ]
 
 
