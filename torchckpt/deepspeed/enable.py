@@ -180,7 +180,7 @@ def _commit_at_exit() -> None:
     for engine in list(_installed):
         try:
             tag = _commit_pending(engine)
-        except Exception:  # noqa: BLE001 - at exit: report it and go on with the other engines
+        except Exception:  # at exit: report it and go on with the other engines
             logger.exception("torchckpt: committing a pending checkpoint at exit failed")
             continue
         if tag is not None:
