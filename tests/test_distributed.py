@@ -325,7 +325,7 @@ def test_a_rank_killed_mid_write_leaves_no_commit_and_the_previous_tag_intact(tm
         assert error.startswith("RuntimeError: "), error
     else:
         assert error is not None and error.startswith(ours), error
-        assert "on this host, is gone) before reaching commit step 'write'" in error
+        assert "on this host, is gone) before reaching commit step 'start'" in error
     assert rank0["seconds_to_fail"] < 30, "a dead rank on this host is seen well before the timeout"
 
     root = job["root"]

@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from .notebook import Checkpointer
     from .panel import CheckpointPanel
     from .state import Stateful
-    from .store import CheckpointInfo, CheckpointStore, LatestFallbackWarning, Transaction, VerifyReport
+    from .store import (
+        CheckpointInfo,
+        CheckpointStore,
+        LatestFallbackWarning,
+        Transaction,
+        UnverifiedLoadWarning,
+        VerifyReport,
+    )
 
 # name -> module that defines it; imported on first access (PEP 562).
 _LAZY = {
@@ -44,6 +51,7 @@ _LAZY = {
     "Transaction": "store",
     "VerifyReport": "store",
     "LatestFallbackWarning": "store",
+    "UnverifiedLoadWarning": "store",
     "AsyncWriter": "async_writer",
     "Checkpointer": "notebook",
     "CheckpointPanel": "panel",
@@ -74,6 +82,7 @@ __all__ = [
     "TorchckptError",
     "Transaction",
     "UnsafeCheckpointError",
+    "UnverifiedLoadWarning",
     "VerifyReport",
     "WriteError",
     "install",
