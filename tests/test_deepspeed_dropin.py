@@ -265,3 +265,62 @@ def test_repeated_and_stray_calls(tmp_path):
         tx = CheckpointStore(tmp_path).transaction("crashed")
         tx.write("m.pt", {"a": 1})
         engine.load(str(tmp_path / "crashed" / "m.pt"))
+
+
+# -- pipeline layer files and MoE expert files ------------------------------------------------------
+def _restores_params(engine, root, step):
+    saved = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    engine.save_checkpoint(str(root), tag="t")
+    step()  # change every trainable parameter
+    assert any(not torch.equal(v, saved[k]) for k, v in engine.module.state_dict().items())
+    assert engine.load_checkpoint(str(root), tag="t")[0] is not None
+    for name, value in engine.module.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    return CheckpointStore(root).manifest("t")
+
+
+def test_pipeline_module_layer_files(ds_dist, tmp_path):
+    from deepspeed.pipe import PipelineModule
+
+    torch.manual_seed(0)
+    net = PipelineModule(layers=[torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)], num_stages=1,
+                         loss_fn=torch.nn.MSELoss())
+    config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9,
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters())
+    torchckpt.install(engine)
+    g = torch.Generator().manual_seed(1)
+    batches = iter(lambda: (torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)), None)
+    manifest = _restores_params(engine, tmp_path / "ckpt", lambda: engine.train_batch(batches))
+    assert {"layer_00-model_states.pt", "layer_02-model_states.pt"} <= set(manifest.files)
+
+
+def test_moe_expert_files(ds_dist, tmp_path):
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 16)
+            self.moe = MoE(hidden_size=16, expert=torch.nn.Linear(16, 16), num_experts=2, ep_size=1, k=1)
+            self.out = torch.nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.out(self.moe(torch.tanh(self.inp(x)))[0])
+
+    torch.manual_seed(0)
+    net = Net()
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(net.parameters()), "name": "p"})
+    engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(groups, lr=1e-2),
+                                      config={"train_batch_size": 4, "steps_per_print": 10**9})
+    torchckpt.install(engine)
+
+    def step():
+        loss = engine(torch.randn(4, 8)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+
+    step()
+    manifest = _restores_params(engine, tmp_path / "ckpt", step)
+    assert {"layer_0_expert_0_mp_rank_00_model_states.pt", "expp_rank_0_mp_rank_00_optim_states.pt"} <= set(manifest.files)
