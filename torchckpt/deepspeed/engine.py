@@ -44,7 +44,8 @@ class EngineOptions:
         async_save: write files in the background; DeepSpeed commits at its next step.
         max_inflight_bytes: cap on snapshot memory in async mode (None: no cap).
         verify_on_load: check each file's checksum against the manifest before loading it.
-        allow_incomplete: load tags without a manifest (uncommitted, or DeepSpeed's own).
+        allow_incomplete: also load tags torchckpt began and never committed (interrupted saves);
+            tags DeepSpeed's own engine wrote load without it, unverified, with a warning.
         allow: extra globals to allow in safe loading ("module.Name" or objects).
         trusted: load with weights_only=False (runs arbitrary pickled code).
         map_location: used when DeepSpeed passes none (None: as saved; "auto"; "cpu"; ...);
