@@ -43,7 +43,7 @@ def quiet_deepspeed():
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def make_engine(stage: int, seed: int):
+def make_engine(stage: int, seed: int, **extra):
     import deepspeed
 
     torch.manual_seed(seed)
@@ -62,8 +62,9 @@ def make_engine(stage: int, seed: int):
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 1e-2}},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
         "steps_per_print": 10**9,
+        **extra,
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=trainable)
@@ -218,6 +219,58 @@ def kill(job: dict, out: dict) -> None:
     out["seconds_to_fail"] = time.monotonic() - start
 
 
+def timed(out: dict, key: str, fn) -> None:
+    """Run ``fn``; record its error (None: it returned) and how long it took."""
+    start = time.monotonic()
+    try:
+        fn()
+        out[key] = None
+    except Exception as e:  # noqa: BLE001 - the test asserts on the message
+        out[key] = error_text(e)
+    out[f"{key}_seconds"] = time.monotonic() - start
+
+
+def dropin(job: dict, out: dict) -> None:
+    """What DeepSpeed's own engine accepts on many ranks: save_16bit_model (a file outside the tag,
+    written by rank 0 only), a rank that saves nothing into the tag (ZeRO-0: only rank 0 writes),
+    ranks that disagree on the tag (tag_validation "Warn"), and a failure DeepSpeed raises on one
+    rank only: the others must learn it at once, not at commit_timeout."""
+    import torch.distributed as dist
+
+    import torchckpt
+    from torchckpt import CheckpointStore
+
+    root = Path(job["root"])
+    options = {"commit_timeout": job["commit_timeout"]}
+    engine = make_engine(job["stage"], seed=0, checkpoint={"tag_validation": "Warn"})
+    torchckpt.install(engine, **options)
+    train(engine, 0, 2)
+
+    timed(out, "export_error", lambda: engine.save_16bit_model(str(root / "export")))
+    out["export_keys"] = sorted(torch.load(root / "export" / "pytorch_model.bin", weights_only=True))
+    out["export_dir"] = sorted(p.name for p in (root / "export").iterdir())
+
+    timed(out, "save_error", lambda: engine.save_checkpoint(str(root / "ckpt"), tag="both"))
+    dist.barrier()
+    out["both_verified"] = CheckpointStore(root / "ckpt").verify("both").ok
+    out["both_ranks"] = sorted({rec.rank for rec in CheckpointStore(root / "ckpt").manifest("both").files.values()})
+
+    timed(out, "disagree_error", lambda: engine.save_checkpoint(str(root / "ckpt"), tag=f"tag-{RANK}"))
+    dist.barrier()
+    out["disagree_status"] = {i.tag: i.status for i in CheckpointStore(root / "ckpt").list()}
+    out["latest_after_disagree"] = CheckpointStore(root / "ckpt").latest()
+
+    blocked = root / "blocked"
+    if RANK == 0:
+        (blocked / "pytorch_model.bin").mkdir(parents=True)  # rank 0's export cannot be written
+    dist.barrier()
+    timed(out, "blocked_error", lambda: engine.save_16bit_model(str(blocked)))
+    dist.barrier()
+    timed(out, "after_error", lambda: engine.save_checkpoint(str(root / "ckpt"), tag="after"))
+    dist.barrier()
+    out["after_verified"] = CheckpointStore(root / "ckpt").verify("after").ok
+
+
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     out: dict = {"rank": RANK}
@@ -227,7 +280,7 @@ def main() -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        {"resume": resume, "kill": kill}[job["scenario"]](job, out)
+        {"resume": resume, "kill": kill, "dropin": dropin}[job["scenario"]](job, out)
     except BaseException:  # noqa: BLE001 - reported to the test, which fails on it
         out["crash"] = traceback.format_exc()
     result.write_text(json.dumps(out, indent=1))

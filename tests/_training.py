@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def make_engine(stage: int, seed: int, *, scheduler: bool = True):
-    """A DeepSpeed engine over a small MLP (CPU, torch's Adam), weights drawn from ``seed``."""
+def make_engine(stage: int, seed: int, *, scheduler: bool = True, zero: dict | None = None, **config_extra):
+    """A DeepSpeed engine over a small MLP (CPU, torch's Adam), weights drawn from ``seed``.
+    ``zero`` adds keys to ``zero_optimization``; ``config_extra`` adds top-level config keys."""
     import deepspeed
 
     torch.manual_seed(seed)
@@ -14,8 +15,9 @@ def make_engine(stage: int, seed: int, *, scheduler: bool = True):
     config = {
         "train_batch_size": 4,
         "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(zero or {})},
         "steps_per_print": 10**9,
+        **config_extra,
     }
     if scheduler:
         config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 1e-2}}

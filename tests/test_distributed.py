@@ -325,7 +325,7 @@ def test_a_rank_killed_mid_write_leaves_no_commit_and_the_previous_tag_intact(tm
         assert error.startswith("RuntimeError: "), error
     else:
         assert error is not None and error.startswith(ours), error
-        assert "on this host, is gone) before reaching commit step 'write'" in error
+        assert "on this host, is gone) before reaching commit step 'start'" in error
     assert rank0["seconds_to_fail"] < 30, "a dead rank on this host is seen well before the timeout"
 
     root = job["root"]
@@ -337,6 +337,34 @@ def test_a_rank_killed_mid_write_leaves_no_commit_and_the_previous_tag_intact(tm
     status = {i.tag: i.status for i in store.list()}
     assert status == {"good": "committed", "torn": "incomplete"}
     assert store.gc(dry_run=True).incomplete == ["torn"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 3])
+def test_what_deepspeeds_own_engine_accepts_on_two_ranks(tmp_path, stage):
+    job = run_job(tmp_path, "dropin", stage=stage, commit_timeout=30.0)
+    assert job["codes"] == [0, 0], job["logs"]()
+    for rank, seen in job["ranks"].items():
+        # save_16bit_model: rank 0 writes SAVE_DIR/pytorch_model.bin, outside any tag; nobody waits.
+        assert seen["export_error"] is None, (rank, seen["export_error"])
+        assert seen["export_dir"] == ["pytorch_model.bin"], seen["export_dir"]
+        assert seen["export_keys"] == [f"{i}.{p}" for i in (0, 2, 4) for p in ("bias", "weight")]
+        assert seen["export_error_seconds"] < 20
+        # ZeRO-0: rank 1 saves nothing into the tag and still takes part in the commit.
+        assert seen["save_error"] is None and seen["both_verified"], seen
+        assert seen["both_ranks"] == ([0] if stage == 0 else [0, 1])
+        # Different tags per rank (tag_validation "Warn"): as DeepSpeed's engine, no error; each
+        # rank's files are in its own tag, neither is committed, `latest` stays on a whole checkpoint.
+        assert seen["disagree_error"] is None, seen["disagree_error"]
+        assert seen["disagree_status"] == {"both": "committed", "tag-0": "incomplete", "tag-1": "incomplete"}
+        assert seen["latest_after_disagree"] == "both"
+        # rank 0's export fails: both ranks know at once (not after commit_timeout=30 s).
+        assert seen["blocked_error_seconds"] < 15, seen["blocked_error_seconds"]
+        assert seen["after_error"] is None and seen["after_verified"], seen
+    rank0, rank1 = job["ranks"][0], job["ranks"][1]
+    assert rank0["blocked_error"].startswith("WriteError: ") and "pytorch_model.bin" in rank0["blocked_error"]
+    assert rank1["blocked_error"].startswith("CommitError: checkpoint 'global_step2' not committed: rank 0: ")
+    assert "pytorch_model.bin" in rank1["blocked_error"] and "Is a directory" in rank1["blocked_error"]
 
 
 @pytest.mark.gpu

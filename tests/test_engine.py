@@ -53,15 +53,17 @@ def test_load_refuses_incomplete_and_corrupt(ds_dist, tmp_path):
     torchckpt.install(engine)
     train(engine, 0, 1)
     engine.save_checkpoint(str(root), tag="good")
-    # A tag written by DeepSpeed's own engine has no manifest: refused unless allowed.
+    # A tag written by DeepSpeed's own engine has no manifest: it loads, weights-only, with a warning.
     engine.checkpoint_engine = deepspeed.runtime.checkpoint_engine.TorchCheckpointEngine()
     engine.save_checkpoint(str(root), tag="theirs")
     fresh = make_engine(1, seed=1)
     torchckpt.install(fresh)
-    with pytest.raises(IncompleteCheckpointError, match="incomplete .no torchckpt-manifest.json.*torchckpt adopt.*allow_incomplete=True"):
-        fresh.load_checkpoint(str(root), tag="theirs")
-    torchckpt.install(fresh, allow_incomplete=True)
-    assert fresh.load_checkpoint(str(root), tag="theirs")[0] is not None
+    with pytest.warns(torchckpt.UnverifiedLoadWarning, match="theirs without a manifest.*torchckpt adopt"):
+        assert fresh.load_checkpoint(str(root), tag="theirs")[0] is not None
+    # A tag torchckpt began and never committed (a crash mid-save) stays refused unless allowed.
+    CheckpointStore(root).transaction("interrupted").write("mp_rank_00_model_states.pt", {"module": {}})
+    with pytest.raises(IncompleteCheckpointError, match="began writing and never committed.*allow_incomplete=True"):
+        fresh.load_checkpoint(str(root), tag="interrupted")
 
     model_file = root / "good" / "mp_rank_00_model_states.pt"
     data = bytearray(model_file.read_bytes())
@@ -97,8 +99,6 @@ def test_engine_without_deepspeed_engine_and_bare_tags(tmp_path):
     assert torch.equal(engine.load(str(tmp_path / "old-style" / "model.pt"))["w"], torch.ones(3))
     assert engine.commit("old-style") is True  # a repeated commit (cleanup) is harmless
 
-    with pytest.raises(CommitError, match="called outside a checkpoint: call create"):
-        torchckpt.TorchCheckpointEngine().save({}, str(tmp_path / "x.pt"))
     with pytest.raises(CommitError, match="without a matching create"):
         torchckpt.TorchCheckpointEngine().commit("nope")
     with pytest.raises(torchckpt.InvalidTagError, match="path separator"):

@@ -36,7 +36,14 @@ if TYPE_CHECKING:
     from .notebook import Checkpointer
     from .panel import CheckpointPanel
     from .state import Stateful
-    from .store import CheckpointInfo, CheckpointStore, LatestFallbackWarning, Transaction, VerifyReport
+    from .store import (
+        CheckpointInfo,
+        CheckpointStore,
+        LatestFallbackWarning,
+        Transaction,
+        UnverifiedLoadWarning,
+        VerifyReport,
+    )
 
 # name -> module that defines it; imported on first access (PEP 562).
 _LAZY = {
@@ -51,6 +58,7 @@ _LAZY = {
     "Transaction": "store",
     "VerifyReport": "store",
     "LatestFallbackWarning": "store",
+    "UnverifiedLoadWarning": "store",
     "AsyncWriter": "async_writer",
     "Checkpointer": "notebook",
     "CheckpointPanel": "panel",
@@ -83,6 +91,7 @@ __all__ = [
     "TorchckptError",
     "Transaction",
     "UnsafeCheckpointError",
+    "UnverifiedLoadWarning",
     "VerifyReport",
     "WriteError",
     "enable",

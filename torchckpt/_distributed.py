@@ -2,7 +2,8 @@
 
 :meth:`torchckpt.store.Transaction.commit` asks every rank for its outcome twice: at step
 ``"write"`` (are my files durable, is my part of the manifest written?) and at step ``"commit"``
-(did rank 0 write the manifest and ``latest``?). :class:`TorchDistributedCoordinator` answers on
+(did rank 0 write the manifest and ``latest``?). Before that, the DeepSpeed engine exchanges one
+report per rank at step ``"start"`` (its tag, whether it saved into the tag, a save that failed). :class:`TorchDistributedCoordinator` answers on
 every rank with every rank's error, or fails clearly, naming the rank:
 
 1. every rank publishes its outcome under ``torchckpt/<restart>/<commit>/<step>/r<rank>``;
@@ -112,9 +113,15 @@ class TorchDistributedCoordinator:
         an error entry saying so; losing the store itself (its host died) is reported as this
         rank's error. Never raises for what other ranks do, never waits past the deadline.
         """
+        values, missing = self.exchange(error, step=step)
+        return [why if why is not None else (None if v is None else str(v)) for v, why in zip(values, missing)]
+
+    def exchange(self, value: Any, *, step: str) -> tuple[list[Any], list[str | None]]:
+        """Publish this rank's JSON-able ``value`` for ``step``; return every rank's value, and for
+        each rank why it is missing (None: it arrived), as :meth:`gather_errors` does for errors."""
         key = f"{self._base}/{step}"
         try:
-            self.store.set(f"{key}/r{self.rank}", _dump(error))
+            self.store.set(f"{key}/r{self.rank}", json.dumps(value).encode())
             if self.rank == 0:
                 return self._decide(key, step)
             return self._await_decision(key, step)
@@ -125,58 +132,63 @@ class TorchDistributedCoordinator:
                 f"failed ({_first_line(e)}); the process hosting it (rank 0 or the launcher) probably died"
             )
 
-    def _decide(self, key: str, step: str) -> list[str | None]:
+    def _decide(self, key: str, step: str) -> tuple[list[Any], list[str | None]]:
         keys = [f"{key}/r{r}" for r in range(self.world_size)]
-        missing = self._wait(lambda: self.store.check(keys), dict(enumerate(keys)), self.timeout, step)
-        errors: list[str | None] = [None] * self.world_size
-        present = [r for r in range(self.world_size) if r not in missing]
-        for r, value in zip(present, self._get_many([keys[r] for r in present])):
-            errors[r] = _load(value)
-        for r, died in missing.items():
-            errors[r] = died or _late(step, self.timeout)
-        self.store.set(f"{key}/decision", json.dumps(errors).encode())
+        late = self._wait(lambda: self.store.check(keys), dict(enumerate(keys)), self.timeout, step)
+        values: list[Any] = [None] * self.world_size
+        missing: list[str | None] = [None] * self.world_size
+        present = [r for r in range(self.world_size) if r not in late]
+        for r, raw in zip(present, self._get_many([keys[r] for r in present])):
+            try:
+                values[r] = json.loads(raw)
+            except ValueError:
+                missing[r] = f"published an unreadable outcome {raw[:60]!r}"
+        for r, died in late.items():
+            missing[r] = died or _late(step, self.timeout)
+        self.store.set(f"{key}/decision", json.dumps({"values": values, "missing": missing}).encode())
         for r in present:
             _quietly(self.store.delete_key, keys[r])
-        if missing:
-            logger.warning("commit step %r: %s", step, "; ".join(f"rank {r} {errors[r]}" for r in missing))
+        if late:
+            logger.warning("commit step %r: %s", step, "; ".join(f"rank {r} {missing[r]}" for r in late))
         else:
             # Every rank has arrived here, so each has read the previous decision: drop it.
             stale = _stale_decisions.pop(id(self.store), None)
             if stale is not None:
                 _quietly(self.store.delete_key, stale)
             _stale_decisions[id(self.store)] = f"{key}/decision"
-        return errors
+        return values, missing
 
-    def _await_decision(self, key: str, step: str) -> list[str | None]:
+    def _await_decision(self, key: str, step: str) -> tuple[list[Any], list[str | None]]:
         decision = f"{key}/decision"
         grace = min(_GRACE_MAX, max(_GRACE_MIN, _GRACE_FRACTION * self.timeout))
-        missing = self._wait(lambda: self.store.check([decision]), {0: decision}, self.timeout + grace, step)
-        if not missing:
+        late = self._wait(lambda: self.store.check([decision]), {0: decision}, self.timeout + grace, step)
+        if not late:
             try:
-                errors = json.loads(self.store.get(decision))
-            except ValueError:
-                errors = None
-            if not isinstance(errors, list) or len(errors) != self.world_size:
+                got = json.loads(self.store.get(decision))
+                values, missing = list(got["values"]), list(got["missing"])
+            except (ValueError, TypeError, KeyError):
+                values, missing = [], []
+            if len(values) != self.world_size or len(missing) != self.world_size:
                 return self._own_error(f"rank 0's decision at commit step {step!r} is unreadable")
-            return errors
+            return values, missing
         # No decision: name the ranks that never arrived, as far as the store still shows it.
-        errors: list[str | None] = [None] * self.world_size
+        missing = [None] * self.world_size
         for r in range(self.world_size):
             if r != self.rank and not self.store.check([f"{key}/r{r}"]):
-                errors[r] = _late(step, self.timeout)
-        if missing[0]:
-            errors[0] = missing[0]
-        elif errors[0] is None:
-            errors[0] = (
+                missing[r] = _late(step, self.timeout)
+        if late[0]:
+            missing[0] = late[0]
+        elif missing[0] is None:
+            missing[0] = (
                 f"arrived at commit step {step!r} but published no decision within "
                 f"{self.timeout + grace:g}s (it is hung, or died)"
             )
-        return errors
+        return [None] * self.world_size, missing
 
-    def _own_error(self, message: str) -> list[str | None]:
-        errors: list[str | None] = [None] * self.world_size
-        errors[self.rank] = message
-        return errors
+    def _own_error(self, message: str) -> tuple[list[Any], list[str | None]]:
+        missing: list[str | None] = [None] * self.world_size
+        missing[self.rank] = message
+        return [None] * self.world_size, missing
 
     # -- waiting ------------------------------------------------------------------------------
     def _wait(self, done: Callable[[], bool], keys: dict[int, str], timeout: float, step: str) -> dict[int, str | None]:
@@ -246,16 +258,6 @@ def _late(step: str, timeout: float) -> str:
     )
 
 
-def _dump(error: str | None) -> bytes:
-    return json.dumps(error).encode()
-
-
-def _load(value: bytes) -> str | None:
-    try:
-        error = json.loads(value)
-    except ValueError:
-        return f"published an unreadable outcome {value[:60]!r}"
-    return None if error is None else str(error)
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

@@ -58,20 +58,21 @@ DEFAULT_ALLOWLIST: tuple[str, ...] = (
 )
 
 
-def save(obj: Any, stream) -> None:
+def save(obj: Any, stream, *, crc32: bool = False) -> None:
     """Serialise ``obj`` into a binary stream in torch's zip format, readable by plain torch.load.
 
-    As ``torch.save``, except that the zip records carry no CRC-32: torch.load never checks it,
-    our manifest's xxh3-128 covers every byte of the file, and computing it costs ~0.35 s per
-    GiB on one core here (a third of a synchronous save). Zip tools (``unzip -t``, Python's
-    ``zipfile``) report CRC errors for these files; ``torch.load`` does not.
+    As ``torch.save``, except that by default the zip records carry no CRC-32: torch.load never
+    checks it, our manifest's xxh3-128 covers every byte of the file, and computing it costs
+    ~0.35 s per GiB on one core here (a third of a synchronous save). Zip tools (``unzip -t``,
+    Python's ``zipfile``) report CRC errors for these files; ``torch.load`` does not. Files no
+    manifest will cover (exports outside a tag) pass ``crc32=True``.
     """
     if not _fast_save_available():
         torch.save(obj, stream, _use_new_zipfile_serialization=True)
         return
     # torch.save's own steps, with a writer of our own instead of the global crc32 setting
     # (a process-wide flag that other threads' torch.save calls would see).
-    writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
+    writer = torch._C.PyTorchFileWriter(stream, crc32, torch.serialization._get_storage_alignment())
     try:
         torch.serialization._save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import fcntl
 import logging
 import os
@@ -25,7 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import filelock
 
-from ._fileio import atomic_writer, checksum_file, fsync_dir, is_tmp_name, write_bytes_atomic
+from ._fileio import (
+    atomic_writer,
+    checksum_file,
+    fsync_dir,
+    is_tmp_name,
+    write_bytes_atomic,
+)
 from .errors import (
     CheckpointInUseError,
     CommitError,
@@ -61,11 +68,17 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".torchckpt.lock"
 WRITING_NAME = ".torchckpt-writing"
 TRASH_PREFIX = ".torchckpt-trash-"
-RANK_PART = ".torchckpt-rank-{rank:05d}.json"
+RANK_PART_PREFIX = ".torchckpt-rank-"
+RANK_PART = RANK_PART_PREFIX + "{rank:05d}.json"
 
 
 class LatestFallbackWarning(UserWarning):
     """``latest`` was missing, torn or named an incomplete tag; the newest committed tag was used."""
+
+
+class UnverifiedLoadWarning(UserWarning):
+    """A file was loaded from a directory without a manifest (DeepSpeed's own engine wrote it, or a
+    bare file): weights-only and checked for tears, but with no checksum to compare against."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,9 @@ class Coordinator(Protocol):
     def gather_errors(self, error: str | None, *, step: str) -> list[str | None]:
         """Every rank's error (None when fine) for ``step``, on every rank; never hangs."""
 
+    def exchange(self, value: Any, *, step: str) -> tuple[list[Any], list[str | None]]:
+        """Every rank's JSON value for ``step``, and why each missing rank is missing; never hangs."""
+
 
 class LocalCoordinator:
     """One process: nothing to agree on."""
@@ -137,6 +153,9 @@ class LocalCoordinator:
 
     def gather_errors(self, error: str | None, *, step: str) -> list[str | None]:
         return [error]
+
+    def exchange(self, value: Any, *, step: str) -> tuple[list[Any], list[str | None]]:
+        return [value], [None]
 
 
 def _in_flight(tag_dir: Path) -> bool:
@@ -374,7 +393,9 @@ class CheckpointStore:
                 )
         elif not path.is_file():
             raise TagNotFoundError(f"checkpoint {tag!r} has no file {relpath!r}")
-        from . import serialization  # imports torch: not needed to list, verify or delete
+        from . import (
+            serialization,  # imports torch: not needed to list, verify or delete
+        )
 
         return serialization.load(path, map_location=map_location, allow=allow, trusted=trusted, mmap=mmap)
 
@@ -541,6 +562,95 @@ def scan_files(tag_dir: Path) -> list[str]:
             if not rel.split("/")[0].startswith(RESERVED_PREFIX):
                 found.append(rel)
     return sorted(found)
+
+
+def started_by_torchckpt(tag_dir: Path) -> bool:
+    """Whether torchckpt began writing this tag directory (its writing marker or a rank's file list
+    is there), as opposed to DeepSpeed's own engine or some other tool."""
+    try:
+        names = os.listdir(tag_dir)
+    except OSError:
+        return False
+    return WRITING_NAME in names or MANIFEST_NAME in names or any(n.startswith(RANK_PART_PREFIX) for n in names)
+
+
+_warned_unverified: set[Path] = set()
+
+
+def load_unmanaged(
+    path: str | os.PathLike,
+    *,
+    map_location: serialization.MapLocation = None,
+    allow: serialization.Allow = (),
+    trusted: bool = False,
+    allow_incomplete: bool = False,
+    mmap: bool = True,
+) -> Any:
+    """Load a file that no manifest covers: one DeepSpeed's own engine wrote, or a bare file.
+
+    Refuses a file in a tag directory torchckpt began and never committed (that is what a crash
+    mid-save leaves: ``IncompleteCheckpointError``, unless ``allow_incomplete``), a symbolic link out of its directory and
+    anything but a regular file; checks a zip file for tears (its central directory, and every
+    record's CRC-32); then loads it weights-only (``allow``/``trusted`` as :meth:`CheckpointStore.load`),
+    warning once per directory (:class:`UnverifiedLoadWarning`) that nothing verified its bytes
+    and how to adopt it.
+    """
+    path = Path(path).absolute()
+    folder = path.parent
+    if not allow_incomplete and started_by_torchckpt(folder):
+        raise IncompleteCheckpointError(
+            f"{folder} is a checkpoint torchckpt began writing and never committed (no {MANIFEST_NAME}): "
+            "a save that was interrupted; load another tag, or pass allow_incomplete=True to read it anyway"
+        )
+    if problem := _file_problem(folder, path.name):
+        raise CorruptCheckpointError(f"{path} cannot be read safely: {problem}")
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"no checkpoint file {path}", str(path))
+    if problem := torn_zip_problem(path):
+        raise CorruptCheckpointError(
+            f"{path} is torn: {problem} (written by a save that did not finish, or damaged since); "
+            "load an older checkpoint"
+        )
+    if folder not in _warned_unverified:
+        _warned_unverified.add(folder)
+        warnings.warn(
+            UnverifiedLoadWarning(
+                f"loading {folder} without a manifest (not written by torchckpt): weights-only and checked "
+                f"for tears, but nothing to verify its bytes against; `torchckpt adopt {folder.parent} "
+                f"{folder.name}` records checksums for it"
+            ),
+            stacklevel=3,
+        )
+    from . import serialization
+
+    return serialization.load(path, map_location=map_location, allow=allow, trusted=trusted, mmap=mmap)
+
+
+def torn_zip_problem(path: Path, *, chunk: int = 16 << 20) -> str | None:
+    """Why a zip file (torch.save's format) is torn, or None: its central directory must be readable
+    and every record's CRC-32 must match (records that carry none, as torchckpt's own, are skipped).
+    Files of other formats are left to their loader, which fails on a truncated stream."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return None
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                with zf.open(info) as member:
+                    while member.read(chunk):
+                        pass
+    except zipfile.BadZipFile as e:
+        return str(e)
+    except (OSError, EOFError, ValueError) as e:  # UnicodeDecodeError: a damaged record header
+        return f"damaged zip structure ({type(e).__name__}: {e})"
+    return None
 
 
 class Transaction:

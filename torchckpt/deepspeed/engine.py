@@ -8,22 +8,28 @@ manifest with checksums as the commit marker, an atomic ``latest``, verified and
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
+    CheckpointCommitInfo,
+    CheckpointEngine,
+)
 from deepspeed.utils import log_dist
 
+from .._fileio import atomic_writer, fsync_dir
 from ..async_writer import AsyncWriter
-from ..errors import CommitError
+from ..errors import CommitError, TorchckptError
 from ..manifest import MANIFEST_NAME, validate_tag
-from ..store import CheckpointStore, Transaction
+from ..store import CheckpointStore, Transaction, load_unmanaged
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ class EngineOptions:
         async_save: write files in the background; DeepSpeed commits at its next step.
         max_inflight_bytes: cap on snapshot memory in async mode (None: no cap).
         verify_on_load: check each file's checksum against the manifest before loading it.
-        allow_incomplete: load tags without a manifest (uncommitted, or DeepSpeed's own).
+        allow_incomplete: also load tags torchckpt began and never committed (interrupted saves);
+            tags DeepSpeed's own engine wrote load without it, unverified, with a warning.
         allow: extra globals to allow in safe loading ("module.Name" or objects).
         trusted: load with weights_only=False (runs arbitrary pickled code).
         map_location: used when DeepSpeed passes none (None: as saved; "auto"; "cpu"; ...);
@@ -83,12 +90,45 @@ def _tag_of(info: Any) -> str:
     raise TypeError(f"expected a CheckpointCommitInfo or a tag string, got {type(info).__name__}")
 
 
-def _save_dir_of(path: Path, tag: str) -> str:
-    """The checkpoint root of a file DeepSpeed saves as ROOT/TAG/.../file."""
-    for parent in path.absolute().parents:
-        if parent.name == tag:
-            return str(parent.parent)
-    raise CommitError(f"{path} is not inside a directory named after the tag {tag!r}; save under ROOT/{tag}/")
+@dataclass
+class _OpenCheckpoint:
+    """One checkpoint between ``create`` and ``commit``.
+
+    Nothing touches the disk at ``create``: the tag's transaction begins at the first file saved
+    into ``save_dir/tag/`` (DeepSpeed's ``save_16bit_model`` calls ``create`` and then writes only
+    ``save_dir/pytorch_model.bin``, outside the tag). Files saved elsewhere are written on their own,
+    atomically and durably.
+    """
+
+    tag: str
+    save_dir: str  # "" until known: older DeepSpeed passes create() the tag alone
+    save_latest: bool
+    coordinator: Any = None  # TorchDistributedCoordinator on many ranks, else None
+    tx: Transaction | None = None
+
+    @property
+    def tag_dir(self) -> Path | None:
+        return Path(self.save_dir).absolute() / self.tag if self.save_dir else None
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` lies inside this checkpoint's tag directory (learning ``save_dir`` from
+        it when DeepSpeed gave only the tag)."""
+        path = path.absolute()
+        if not self.save_dir:
+            for parent in path.parents:
+                if parent.name == self.tag:
+                    self.save_dir = str(parent.parent)
+                    break
+        tag_dir = self.tag_dir
+        return tag_dir is not None and path.is_relative_to(tag_dir)
+
+    @property
+    def info(self) -> CheckpointCommitInfo:
+        return CheckpointCommitInfo(tag=self.tag, save_dir=self.save_dir, save_latest=self.save_latest)
+
+
+#: Engines whose asynchronous saves may still wait for their commit (see _commit_at_exit).
+_live_engines: weakref.WeakSet[TorchCheckpointEngine] = weakref.WeakSet()
 
 
 class TorchCheckpointEngine(CheckpointEngine):
@@ -98,7 +138,10 @@ class TorchCheckpointEngine(CheckpointEngine):
     ``makedirs(tag_dir)``, ``save(state_dict, path)`` once per file on each writing rank,
     ``commit(info)`` (for async engines, at the next optimizer step, via ``get_commit_info``),
     then it rewrites ``latest`` itself; for loading, ``load(path, map_location)`` per file;
-    ``cleanup()`` on shutdown.
+    ``cleanup()`` on ``destroy()``. Everything DeepSpeed's own engine accepts works here too:
+    files saved outside a tag directory (``save_16bit_model``) and ``save``/``load`` outside any
+    ``create``/``commit`` are single atomic, durable files; files without a manifest (checkpoints
+    DeepSpeed's own engine wrote) load weights-only, checked for tears, with a warning.
 
     Install it after ``deepspeed.initialize``::
 
@@ -126,10 +169,11 @@ class TorchCheckpointEngine(CheckpointEngine):
             if self.options.async_save
             else None
         )
-        self._tx: Transaction | None = None
-        self._info: CheckpointCommitInfo | None = None
+        self._open: _OpenCheckpoint | None = None
         self._committed: str | None = None
         self._joined: Transaction | None = None  # see joined()
+        if self._writer is not None:
+            _live_engines.add(self)
         log_dist(f"[{ENGINE_NAME}] initialized (async_save={self.options.async_save})", ranks=[0])
 
     # -- the transaction -----------------------------------------------------------------
@@ -139,23 +183,26 @@ class TorchCheckpointEngine(CheckpointEngine):
             if tag != self._joined.tag:
                 raise CommitError(f"DeepSpeed began checkpoint {tag!r} inside the save of {self._joined.tag!r}")
             return
-        if self._tx is not None and self._writer is not None and self._info is not None:
-            self.commit(self._info)  # the previous async save, not yet committed by DeepSpeed
-        elif self._tx is not None:
-            log_dist(f"[{ENGINE_NAME}] abandoning uncommitted checkpoint {self._tx.tag}", ranks=[0], level=logging.WARNING)
-            self._tx.abort()
-            self._tx = None
+        self._settle_previous()
         if isinstance(info, str):
-            # Older DeepSpeed passes only the tag: the directory is known at the first save().
-            self._info = CheckpointCommitInfo(tag=tag, save_dir="", save_latest=True)
+            self._open = _OpenCheckpoint(tag, "", True, self._coordinator())
         else:
-            self._begin(info)
+            self._open = _OpenCheckpoint(tag, str(info.save_dir), bool(info.save_latest), self._coordinator())
         log_dist(f"[{ENGINE_NAME}] checkpoint {tag} is about to be saved", ranks=[0])
 
-    def _begin(self, info: CheckpointCommitInfo) -> None:
-        store = CheckpointStore(info.save_dir)
-        self._tx = store.transaction(info.tag, writer=self._writer, coordinator=self._coordinator())
-        self._info = info
+    def _settle_previous(self) -> None:
+        """Before a new checkpoint: commit the previous async one DeepSpeed has not committed yet;
+        abandon a synchronous one that was never committed (its save failed)."""
+        previous = self._open
+        if previous is None:
+            return
+        if self._writer is not None:
+            self.commit(previous.info)
+            return
+        self._open = None
+        if previous.tx is not None:
+            log_dist(f"[{ENGINE_NAME}] abandoning uncommitted checkpoint {previous.tag}", ranks=[0], level=logging.WARNING)
+            previous.tx.abort()
 
     def _coordinator(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -171,22 +218,41 @@ class TorchCheckpointEngine(CheckpointEngine):
         if self._joined is not None:
             self._joined.write(self._joined.relpath(path), state_dict)
             return
-        if self._tx is None and self._info is not None and not self._info.save_dir:
-            self._begin(CheckpointCommitInfo(self._info.tag, _save_dir_of(Path(path), self._info.tag), True))
-        if self._tx is None:
-            raise CommitError(
-                f"save({path!r}) called outside a checkpoint: call create(info) first "
-                "(DeepSpeed's save_checkpoint does this)"
-            )
-        self._tx.write(self._tx.relpath(path), state_dict)
+        target, current = Path(path), self._open
+        try:
+            if current is not None and current.holds(target):
+                if current.tx is None:
+                    current.tx = self._begin(current)
+                current.tx.write(current.tx.relpath(target), state_dict)
+            else:
+                _save_file(state_dict, target)
+        except Exception as e:
+            if current is not None:
+                self._fail(current, e)
+            raise
+
+    def _begin(self, current: _OpenCheckpoint) -> Transaction:
+        store = CheckpointStore(current.save_dir)
+        return store.transaction(current.tag, writer=self._writer, coordinator=current.coordinator)
+
+    def _fail(self, current: _OpenCheckpoint, error: Exception) -> None:
+        """A save failed here: the checkpoint is abandoned, and on many ranks the others learn it now
+        (at the step where they would otherwise wait for this rank), not at their deadline."""
+        if self._open is current:
+            self._open = None
+        if current.tx is not None:
+            current.tx.abort()
+        if current.coordinator is not None:
+            report = {"tag": current.tag, "save_dir": current.save_dir, "wrote": False, "error": _describe(error)}
+            current.coordinator.exchange(report, step="start")
 
     @contextlib.contextmanager
     def joined(self, tx: Transaction) -> Iterator[None]:
         """DeepSpeed's ``save_checkpoint`` inside the block writes into ``tx`` (a notebook save, which
         holds other objects too): ``create`` checks the tag, ``save`` writes into ``tx``, ``commit``
         leaves the commit to ``tx``'s owner. Synchronous, so DeepSpeed never defers the commit."""
-        if self._tx is not None and self._writer is not None and self._info is not None:
-            self.commit(self._info)  # an earlier async save_checkpoint still waiting for its commit
+        if self._open is not None and self._writer is not None:
+            self.commit(self._open.info)  # an earlier async save_checkpoint still waiting for its commit
         self._joined = tx
         try:
             yield
@@ -197,19 +263,62 @@ class TorchCheckpointEngine(CheckpointEngine):
         tag = _tag_of(info)
         if self._joined is not None:
             return True  # the joined transaction's owner commits
-        save_latest = True if isinstance(info, str) else info.save_latest
-        tx = self._tx
-        if tx is None or tx.tag != tag:
-            if tx is None and tag == self._committed:
+        current = self._open
+        if current is None or current.tag != tag:
+            if current is None and tag == self._committed:
                 return True  # already committed (cleanup() after DeepSpeed's own deferred commit)
-            open_tag = tx.tag if tx is not None else None
-            raise CommitError(f"commit({tag!r}) without a matching create() and save(); the open checkpoint is {open_tag!r}")
-        try:
-            tx.commit(metadata=dict(self.options.metadata), save_latest=save_latest)
+            open_tag = current.tag if current is not None else None
+            raise CommitError(f"commit({tag!r}) without a matching create(); the open checkpoint is {open_tag!r}")
+        self._open = None
+        if not isinstance(info, str):
+            current.save_latest = bool(info.save_latest)
+        if current.coordinator is not None:
+            committed = self._agree(current)
+        elif current.tx is None:
+            committed = False  # nothing was saved into the tag directory
+        else:
+            current.tx.commit(metadata=dict(self.options.metadata), save_latest=current.save_latest)
+            committed = True
+        if committed:
             self._committed = tag
-        finally:
-            self._tx = None
-        log_dist(f"[{ENGINE_NAME}] checkpoint {tag} committed", ranks=[0])
+            log_dist(f"[{ENGINE_NAME}] checkpoint {tag} committed", ranks=[0])
+        else:
+            log_dist(f"[{ENGINE_NAME}] {tag}: no file was saved into the tag directory; nothing to commit", ranks=[0])
+        return True
+
+    def _agree(self, current: _OpenCheckpoint) -> bool:
+        """Many ranks: agree on the tag and on whether any rank saved into it, then commit on every
+        rank (a rank that saved nothing there takes part with an empty file list)."""
+        report = {"tag": current.tag, "save_dir": current.save_dir, "wrote": current.tx is not None, "error": None}
+        values, missing = current.coordinator.exchange(report, step="start")
+        failures = [
+            f"rank {r}: {why or (v or {}).get('error')}"
+            for r, (v, why) in enumerate(zip(values, missing))
+            if why or (v or {}).get("error")
+        ]
+        if failures:
+            if current.tx is not None:
+                current.tx.abort()
+            raise CommitError(f"checkpoint {current.tag!r} not committed: {'; '.join(failures)}; the previous checkpoint is intact")
+        tags = [v["tag"] for v in values]
+        if len(set(tags)) > 1:
+            if current.tx is not None:
+                current.tx.abort()
+            by_rank = ", ".join(f"rank {r}: {t!r}" for r, t in enumerate(tags))
+            log_dist(
+                f"[{ENGINE_NAME}] checkpoint not committed: the ranks saved under different tags ({by_rank}), so "
+                "no tag holds a whole checkpoint; each rank's files are durable in its own tag directory. Save "
+                "with one tag on every rank (DeepSpeed's checkpoint.tag_validation \"FAIL\" refuses this up front)",
+                ranks=[-1],
+                level=logging.WARNING,
+            )
+            return False
+        if not any(v["wrote"] for v in values):
+            return False
+        if current.tx is None:
+            current.save_dir = current.save_dir or next(v["save_dir"] for v in values if v["save_dir"])
+            current.tx = self._begin(current)
+        current.tx.commit(metadata=dict(self.options.metadata), save_latest=current.save_latest)
         return True
 
     # -- async (decoupled) protocol --------------------------------------------------------
@@ -217,47 +326,100 @@ class TorchCheckpointEngine(CheckpointEngine):
         return self._writer is not None and self._joined is None
 
     def get_commit_info(self) -> CheckpointCommitInfo | None:
-        return self._info if self._tx is not None and self._writer is not None else None
+        return self._open.info if self._open is not None and self._writer is not None else None
 
     def set_commit_info(self, info: CheckpointCommitInfo) -> None:
-        self._info = info
+        if self._open is not None and self._open.tag == info.tag:
+            self._open.save_dir, self._open.save_latest = str(info.save_dir), bool(info.save_latest)
 
     def preserves_storage_sharing(self) -> bool:
         # In async mode our snapshot compacts views itself, so DeepSpeed need not clone first.
         writer = self._joined.writer if self._joined is not None else self._writer
         return writer is None
 
+    def commit_pending(self, *, reason: str = "on request") -> str | None:
+        """Commit the async checkpoint DeepSpeed has not committed yet (it commits at the next
+        optimizer step); returns its tag, or None when nothing was pending."""
+        current = self._open
+        if current is None or self._writer is None:
+            return None
+        # At exit or destroy() a user should see it (DeepSpeed shows warnings by default, not info).
+        log_dist(f"[{ENGINE_NAME}] committing pending checkpoint {current.tag} {reason}", ranks=[0], level=logging.WARNING)
+        self.commit(current.info)
+        return current.tag
+
     def cleanup(self) -> None:
-        if self._tx is not None and self._writer is not None and self._info is not None:
-            self.commit(self._info)
+        """DeepSpeed's ``destroy()``: commit a pending async checkpoint, stop the background writer."""
+        self.commit_pending(reason="at destroy()")
         if self._writer is not None:
             self._writer.close()
+        _live_engines.discard(self)
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, path: str, map_location: Any = None) -> Any:
-        """Load one file through the store: refused if its tag is incomplete (unless
-        ``allow_incomplete``), verified against the manifest (``verify_on_load``), weights-only."""
-        tag_dir, relpath = self._locate(Path(path))
+        """Load one file. In a committed tag: verified against the manifest (``verify_on_load``),
+        weights-only. In a tag torchckpt began and never committed: refused (unless
+        ``allow_incomplete``). Anything else (DeepSpeed's own checkpoints, bare files):
+        weights-only, checked for tears, with a warning."""
         if map_location is None:
             map_location = self.options.map_location
+        location = _for_this_rank(map_location)
         log_dist(f"[{ENGINE_NAME}] loading {path}", ranks=[0])
+        found = _tag_dir_of(Path(path))
+        if found is None:
+            return load_unmanaged(
+                path,
+                map_location=location,
+                allow=self.options.allow,
+                trusted=self.options.trusted,
+                allow_incomplete=self.options.allow_incomplete,
+            )
+        tag_dir, relpath = found
         return CheckpointStore(tag_dir.parent).load(
             tag_dir.name,
             relpath,
-            map_location=_for_this_rank(map_location),
+            map_location=location,
             verify=self.options.verify_on_load,
             allow=self.options.allow,
             trusted=self.options.trusted,
-            allow_incomplete=self.options.allow_incomplete,
         )
 
-    def _locate(self, path: Path) -> tuple[Path, str]:
-        """The tag directory holding ``path`` (the nearest ancestor with a manifest, else the parent)."""
-        path = path.absolute()
-        for parent in path.parents:
-            if (parent / MANIFEST_NAME).exists():
-                return parent, path.relative_to(parent).as_posix()
-        return path.parent, path.name
+
+def _tag_dir_of(path: Path) -> tuple[Path, str] | None:
+    """The committed tag directory holding ``path`` (the nearest ancestor with a manifest), and the
+    path inside it; None when no manifest covers it."""
+    path = path.absolute()
+    for parent in path.parents:
+        if (parent / MANIFEST_NAME).exists():
+            return parent, path.relative_to(parent).as_posix()
+    return None
+
+
+def _save_file(state: Any, path: Path) -> None:
+    """A file outside any tag (``save_16bit_model``'s export, a bare ``save``): atomic and durable,
+    with zip CRC-32s so it checks itself where no manifest covers it."""
+    from .. import serialization
+
+    with atomic_writer(path) as stream:
+        serialization.save(state, stream, crc32=True)
+    fsync_dir(path.parent)
+    log_dist(f"[{ENGINE_NAME}] saved {path}", ranks=[0])
+
+
+def _describe(e: BaseException) -> str:
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"{type(e).__name__}: {text}" if not isinstance(e, TorchckptError) else text
+
+
+@atexit.register
+def _commit_at_exit() -> None:
+    """A process that exits normally never leaves its last async checkpoint uncommitted: DeepSpeed
+    commits at the next optimizer step, and a run that ends right after a save has none."""
+    for engine in list(_live_engines):
+        try:
+            engine.commit_pending(reason="at exit")
+        except Exception as e:  # noqa: BLE001 - reported; the checkpoint stays incomplete, never torn
+            logger.error("[%s] the pending checkpoint could not be committed at exit: %s", ENGINE_NAME, e)
 
 
 def _for_this_rank(map_location: Any) -> Any:
