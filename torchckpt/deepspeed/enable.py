@@ -10,7 +10,6 @@ one and installs torchckpt's engine on the result before handing it back.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import logging
@@ -18,7 +17,7 @@ import threading
 import weakref
 from typing import Any
 
-from .engine import EngineOptions, install
+from .engine import EngineOptions, TorchCheckpointEngine, install
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ _lock = threading.Lock()
 _active: list[Enabled] = []  # innermost last: its options win
 _original: Any = None  # the real deepspeed.initialize while ours is in place
 _wrapper: Any = None  # ours
-_installed: weakref.WeakSet = weakref.WeakSet()  # every engine enable() installed on, for the exit commit
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -70,7 +68,8 @@ class Enabled:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self.commit_pending()
+                for engine in self.engines:
+                    _commit_pending(engine, "on leaving torchckpt.enable()")
         finally:
             self.disable()
 
@@ -80,7 +79,7 @@ class Enabled:
         DeepSpeed commits an ``async_save`` checkpoint at the next optimizer step, so the last one of
         a run (a trainer's final save) would wait for the process to end. Call on every rank.
         """
-        return [tag for engine in self.engines if (tag := _commit_pending(engine)) is not None]
+        return [tag for engine in self.engines if (tag := _commit_pending(engine, "on request")) is not None]
 
     def disable(self) -> None:
         """Stop installing on new engines (engines already created keep torchckpt). Idempotent."""
@@ -101,19 +100,14 @@ class Enabled:
     def _install(self, ds_engine: Any) -> None:
         install(ds_engine, **self.options)
         self._engines.add(ds_engine)
-        _installed.add(ds_engine)
 
 
-def _commit_pending(ds_engine: Any) -> str | None:
-    """Commit ``ds_engine``'s pending async save as DeepSpeed's next step would; its tag, or None."""
+def _commit_pending(ds_engine: Any, reason: str) -> str | None:
+    """Commit ``ds_engine``'s pending async save, as DeepSpeed's next step would; its tag, or None."""
     ckpt = getattr(ds_engine, "checkpoint_engine", None)
-    if ckpt is None or not ckpt.is_decoupled():
+    if not isinstance(ckpt, TorchCheckpointEngine):
         return None
-    info = ckpt.get_commit_info()
-    if info is None:
-        return None
-    ckpt.commit(info)  # writes the manifest and `latest`: DeepSpeed's own `latest` write is redundant
-    return info.tag
+    return ckpt.commit_pending(reason=reason)
 
 
 def _wrap(initialize: Any) -> Any:
@@ -141,8 +135,8 @@ def enable(**options: Any) -> Enabled:
     ``trainer.fit()``). Code that did ``from deepspeed import initialize`` before this call keeps
     the unwrapped function.
 
-    ``enable()`` stays on for the process; pending async saves of its engines are committed when
-    the process exits normally. As a context manager it undoes itself on exit, committing those
+    ``enable()`` stays on for the process; a pending async save is committed when the process
+    exits normally (the engine's exit rule). As a context manager it undoes itself on exit, committing those
     saves first. Nested calls: the innermost options apply.
 
     Args:
@@ -172,16 +166,3 @@ def enable(**options: Any) -> Enabled:
         _active.append(handle)
         handle._on = True
     return handle
-
-
-@atexit.register
-def _commit_at_exit() -> None:
-    # A normal exit commits what DeepSpeed would have committed at its next step.
-    for engine in list(_installed):
-        try:
-            tag = _commit_pending(engine)
-        except Exception:  # at exit: report it and go on with the other engines
-            logger.exception("torchckpt: committing a pending checkpoint at exit failed")
-            continue
-        if tag is not None:
-            logger.info("torchckpt: committed %s at exit", tag)

@@ -49,7 +49,7 @@ class LightningCallback(Callback):
             install(engine, **self.options)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        _commit_pending(_engine_of(trainer))
+        _commit_pending(_engine_of(trainer), "at the end of fit")
 
 
 def _engine_of(trainer: Any) -> Any:
