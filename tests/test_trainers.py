@@ -225,11 +225,14 @@ def test_last_committed_checkpoint_skips_what_a_resume_cannot_load(tmp_path):
     path14, _ = _trainer_checkpoint(tmp_path, 14)
     (path14 / "latest").write_text("../escape")
     (tmp_path / "checkpoint-16").mkdir()  # save_only_model: no DeepSpeed checkpoint at all
+    (tmp_path / "checkpoint-18" / "global_step18").mkdir(parents=True)
+    (tmp_path / "checkpoint-18" / "latest").write_text("global_step18")
     picked, said = _quiet_pick(tmp_path)
     assert picked == str(tmp_path / "checkpoint-2")
     (message,) = said
-    assert message.startswith(f"resuming from {tmp_path / 'checkpoint-2'} and not a newer checkpoint: checkpoint-16:")
+    assert message.startswith(f"resuming from {tmp_path / 'checkpoint-2'} and not a newer checkpoint: checkpoint-18:")
     for expected in (
+        "checkpoint-18: DeepSpeed tag 'global_step18' holds no DeepSpeed checkpoint files",
         "checkpoint-16: no DeepSpeed checkpoint in it",
         "checkpoint-14: its `latest` holds '../escape', not a tag name",
         "checkpoint-12: its `latest` names 'global_step99', which is not there",

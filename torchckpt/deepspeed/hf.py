@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import TorchckptError
 from ..inspect import origin
 from ..manifest import LATEST_NAME, validate_tag
-from ..store import CheckpointStore
+from ..store import CheckpointStore, started_by_torchckpt
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and its pattern
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -100,8 +100,11 @@ def _resumable(path: Path, *, verify: bool) -> tuple[str | None, str | None]:
     if info.problem:
         return f"DeepSpeed tag {tag!r} has an unreadable manifest ({info.problem})", None
     if not info.committed:
-        if origin(info.path) != "deepspeed":
+        # The same rule as the engine's load: a tag torchckpt began is refused until committed.
+        if started_by_torchckpt(info.path):
             return f"DeepSpeed tag {tag!r} was never committed (the save was interrupted)", None
+        if origin(info.path) != "deepspeed":
+            return f"DeepSpeed tag {tag!r} holds no DeepSpeed checkpoint files", None
         if verify:
             return f"DeepSpeed tag {tag!r} was written without torchckpt and cannot be verified", None
         note = f"DeepSpeed tag {tag!r} was written without torchckpt (no manifest): not verified"

@@ -25,7 +25,8 @@ class LightningCallback(Callback):
     ``on_fit_start`` installs (Lightning's restore of ``fit(ckpt_path=...)`` comes after it, so the
     resume is verified and weights-only); ``on_fit_end`` commits a checkpoint that ``async_save``
     left pending (DeepSpeed would commit it at the next step, and there is none). An engine that
-    already has torchckpt (from :func:`torchckpt.enable`) is left as it is.
+    already has torchckpt (from :func:`torchckpt.enable`) is left as it is. ``validate``, ``test``
+    and ``predict`` have no such hook before their restore: use :func:`torchckpt.enable` there.
 
     Args:
         **options: fields of :class:`~torchckpt.deepspeed.engine.EngineOptions`, checked now.
