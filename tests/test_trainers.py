@@ -164,6 +164,18 @@ def test_disable_leaves_a_wrapper_added_on_top_of_ours(deepspeed_initialize):
         module._original = module._wrapper = None
 
 
+def test_lightning_callback_checks_options_and_strategy():
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="unknown option"):
+        torchckpt.LightningCallback(asyncsave=True)
+    callback = torchckpt.LightningCallback(async_save=True)
+    trainer = SimpleNamespace(strategy=SimpleNamespace())  # e.g. DDPStrategy: no deepspeed_engine
+    with pytest.raises(TypeError, match=r"needs Lightning's DeepSpeed strategy, not SimpleNamespace; use Trainer\(strategy="):
+        callback.on_fit_start(trainer, None)
+
+
 # -- last_committed_checkpoint -------------------------------------------------------------------------
 def _trainer_checkpoint(out: Path, step: int, *, tag: str = "committed", state: str | None = "{}", latest: bool = True):
     """A checkpoint-N as HF Trainer + torchckpt leave it: a DeepSpeed tag, `latest`, trainer_state.json.
