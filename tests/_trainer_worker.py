@@ -9,6 +9,8 @@ RESULT_JSON after each run; a run's final weights go to ``run["weights"]`` (torc
 
 ``spec["kill"] = {"tag": T, "files": K}`` SIGKILLs the process right after the K-th file of
 DeepSpeed tag T is renamed into place: a crash in the middle of that checkpoint's save.
+``spec["kill_on_save"] = N`` SIGKILLs it in the Trainer's ``on_save`` of step N (with ``async_save``:
+before DeepSpeed's next step commits the checkpoint).
 """
 
 from __future__ import annotations
@@ -72,6 +74,18 @@ def _ds_config(stage: int) -> dict:
     }
 
 
+class _KillOnSave:
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class KillOnSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return KillOnSave()
+
+
 def run_hf(spec: dict) -> dict:
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
@@ -100,6 +114,8 @@ def run_hf(spec: dict) -> dict:
         save_total_limit=spec.get("save_total_limit"),
     )
     trainer = Trainer(model=model, args=args, train_dataset=_hf_dataset())
+    if spec.get("kill_on_save"):
+        trainer.add_callback(_KillOnSave(spec["kill_on_save"]))
     resume = spec.get("resume")
     result: dict = {}
     # "enable": "with" (the default: torchckpt.enable() as a context manager around train) or "plain"

@@ -387,6 +387,29 @@ def test_hf_trainer_async_save_commits_its_last_checkpoint(tmp_path):
     assert torchckpt.last_committed_checkpoint(out) == str(out / "checkpoint-6")
 
 
+@pytest.mark.slow
+def test_hf_trainer_killed_after_an_async_save_resumes_from_the_committed_one(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers.trainer_utils import get_last_checkpoint
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    asynchronous = {"async_save": True}
+    _run(tmp_path, _hf(killed, 2, max_steps=6, options=asynchronous, kill_on_save=4), expect_kill=True)
+    # the Trainer finished checkpoint-4 (trainer_state.json is there); DeepSpeed had not committed its tag
+    assert (killed / "checkpoint-4" / "trainer_state.json").is_file()
+    assert get_last_checkpoint(str(killed)) == str(killed / "checkpoint-4")
+    with pytest.warns(UserWarning, match=r"checkpoint-4: its DeepSpeed save did not finish \(no `latest`; global_step4: incomplete\)"):
+        assert torchckpt.last_committed_checkpoint(killed) == str(killed / "checkpoint-2")
+    _, resumed = _run(
+        tmp_path,
+        _hf(whole, 2, max_steps=6, options=asynchronous, weights=str(tmp_path / "whole.pt")),
+        _hf(killed, 2, max_steps=6, options=asynchronous, resume="committed", weights=str(tmp_path / "resumed.pt")),
+    )
+    assert resumed["resumed_from"] == str(killed / "checkpoint-2") and resumed["global_step"] == 6
+    assert _weights_equal(tmp_path / "whole.pt", tmp_path / "resumed.pt")
+
+
 def _lightning(out: Path, **spec) -> dict:
     return {"kind": "lightning", "out": str(out), "max_steps": 8, "save_steps": 4, **spec}
 
