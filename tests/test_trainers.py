@@ -41,6 +41,18 @@ def _has(module: str) -> bool:
     return True
 
 
+def test_the_trainer_names_load_nothing_heavy_until_used():
+    code = (
+        "import sys, torchckpt; names = {'enable', 'last_committed_checkpoint', 'LightningCallback'}; "
+        "assert names <= set(torchckpt.__all__) and names <= set(dir(torchckpt)); "
+        "heavy = ('torch', 'deepspeed', 'transformers', 'accelerate', 'lightning'); "
+        "print([m for m in heavy if m in sys.modules]); torchckpt.last_committed_checkpoint; "
+        "print([m for m in heavy if m in sys.modules], 'torchckpt.deepspeed.hf' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.split("\n")[:2] == ["[]", "[] True"]  # reading directories needs no torch, trainer or DeepSpeed
+
+
 # -- enable() ---------------------------------------------------------------------------------------
 @pytest.fixture
 def deepspeed_initialize(ds_dist):
