@@ -145,6 +145,54 @@ def run_hf(spec: dict) -> dict:
     return result
 
 
+# -- an Accelerate loop of one's own ------------------------------------------------------------------
+def run_accelerate(spec: dict) -> dict:
+    """Train 4 steps, ``save_state``, 4 more; or (``resume``) ``load_state`` first and train the last 4."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    import torchckpt
+
+    plugin = DeepSpeedPlugin(
+        hf_ds_config={
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 2},
+            "zero_allow_untested_optimizer": True,
+        }
+    )
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    torch.manual_seed(0 if not spec.get("resume") else 1)  # a resume starts from other weights
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torchckpt.enable():
+        engine, optimizer = accelerator.prepare(model, optimizer)
+    result: dict = {"engine": engine.checkpoint_engine.name}
+
+    def steps(start: int, count: int) -> None:
+        for step in range(start, start + count):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+            loss = ((engine(x) - y) ** 2).mean()
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    try:
+        if spec.get("resume"):
+            accelerator.load_state(spec["resume"])
+        else:
+            steps(0, 4)
+            accelerator.save_state(spec["out"])
+        steps(4, 4)
+    except Exception as e:  # noqa: BLE001 - the test reads the error's type and message
+        result.update(_outcome(e))
+        return result
+    if spec.get("weights"):
+        torch.save(_full_weights(engine.module), spec["weights"])
+    return result
+
+
 # -- Lightning ----------------------------------------------------------------------------------
 def _lightning():
     import lightning.pytorch as pl
@@ -238,7 +286,7 @@ def main(argv: list[str]) -> None:
             _flip_byte(spec["flip"])
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed and the trainers print their set-up
-            results.append({"hf": run_hf, "lightning": run_lightning}[spec["kind"]](spec))
+            results.append({"hf": run_hf, "lightning": run_lightning, "accelerate": run_accelerate}[spec["kind"]](spec))
         results[-1]["seconds"] = round(time.perf_counter() - start, 2)
         Path(argv[0]).write_text(json.dumps(results))
 

@@ -422,6 +422,22 @@ def test_hf_trainer_killed_after_an_async_save_resumes_from_the_committed_one(tm
     assert _weights_equal(tmp_path / "whole.pt", tmp_path / "resumed.pt")
 
 
+@pytest.mark.slow
+def test_an_accelerate_loop_saves_and_resumes_through_torchckpt(tmp_path):
+    pytest.importorskip("accelerate")
+    state = tmp_path / "state"
+    (whole,) = _run(tmp_path, {"kind": "accelerate", "out": str(state), "weights": str(tmp_path / "whole.pt")})
+    assert whole["engine"] == "torchckpt.TorchCheckpointEngine"
+    store = CheckpointStore(state)  # accelerator.save_state: DeepSpeed's tag "pytorch_model"
+    assert store.latest() == "pytorch_model" and store.verify("pytorch_model").ok
+    # a second Accelerator cannot take a DeepSpeed plugin in the same process: resume in another one
+    (resumed,) = _run(tmp_path, {"kind": "accelerate", "resume": str(state), "weights": str(tmp_path / "resumed.pt")})
+    assert "error" not in resumed and _weights_equal(tmp_path / "whole.pt", tmp_path / "resumed.pt")
+    _flip_byte(state / "pytorch_model" / OPTIM_FILE)
+    (corrupt,) = _run(tmp_path, {"kind": "accelerate", "resume": str(state)})
+    assert corrupt["error"]["type"] == "CorruptCheckpointError"
+
+
 def _lightning(out: Path, **spec) -> dict:
     return {"kind": "lightning", "out": str(out), "max_steps": 8, "save_steps": 4, **spec}
 
