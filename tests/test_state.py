@@ -291,7 +291,7 @@ def test_into_binds_a_copy_and_leaves_the_live_object_alone():
     assert not torch.equal(model[0].weight, saved["0.weight"])
     plan_restore({"opt": ("optimizer", {"state": {}})}, ns, into="opt_sd").apply()
     assert ns["opt_sd"] == {"state": {}}
-    with pytest.raises(RestoreError, match="not a valid Python variable name"):
+    with pytest.raises(RestoreError, match="not a name a variable can have"):
         plan_restore({"model": ("module", saved)}, ns, into="1x")
 
 

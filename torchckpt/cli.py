@@ -91,6 +91,8 @@ def _echo(*parts: Any, sep: str = " ") -> None:
 def _tag(store, tag: str | None) -> str:
     """``latest`` as the store resolves it; on a root with no committed tag, the one DeepSpeed's
     own ``latest`` file names (its engine writes no manifest)."""
+    if tag is not None and not tag.strip():
+        raise InvalidTagError(f"tag {tag!r} is empty; give a tag (torchckpt ls {store.root} lists them) or 'latest'")
     if tag in (None, "latest") and not store.tags(committed_only=True):
         from .interop import deepspeed_latest
 
@@ -554,7 +556,9 @@ def _fail(args: argparse.Namespace, error: BaseException | str, code: int) -> in
         import traceback
 
         traceback.print_exception(error)
-    sys.stderr.write(f"torchckpt: error: {_one_line(error)}\n")
+    from .errors import in_dialect
+
+    sys.stderr.write(f"torchckpt: error: {in_dialect(_one_line(error), 'cli')}\n")
     return code
 
 

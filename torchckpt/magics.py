@@ -18,17 +18,46 @@ from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
-from traitlets import Bool, CaselessStrEnum, Unicode
+from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
+from traitlets import Bool, CaselessStrEnum, Float, Unicode
 from traitlets.config import Configurable
 
 from . import _format
-from .errors import TorchckptError
+from .errors import TorchckptError, in_dialect
 
 #: The subcommands, in the order ``%ckpt?`` lists them.
 SUBCOMMANDS = ("save", "commit", "load", "ls", "info", "diff", "verify", "rm", "gc", "dir", "ui")
 #: Subcommands whose positional arguments are tags (completion offers tag names).
 _TAG_COMMANDS = frozenset({"commit", "load", "info", "diff", "verify", "rm"})
+
+
+#: Longer %ckpt lines are refused before parsing: the metadata they could set is at most 1 MiB.
+_MAX_LINE = (1 << 20) + 4096
+
+
+def _expand(shell, line: str) -> str:
+    """``{expr}`` and ``$name`` in the line, from the caller's variables, as IPython expands magics'
+    lines, but in linear time: IPython's ``$`` pattern is quadratic in the length of the text
+    around it, so it runs only on lines that contain a ``$``."""
+    if "{" not in line and "$" not in line:
+        return line
+    from IPython.utils.text import DollarFormatter, FullEvalFormatter
+
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "run_line_magic":
+        frame = frame.f_back
+    ns = dict(shell.user_ns)
+    if frame is not None and frame.f_back is not None:
+        ns.update(frame.f_back.f_locals)
+    formatter = DollarFormatter() if "$" in line else FullEvalFormatter()
+    try:
+        return formatter.vformat(line, args=[], kwargs=ns)
+    except Exception:  # noqa: BLE001 - as IPython: a line that does not expand is passed as typed
+        return line
+
+
+def _one_line(error: BaseException | str) -> str:
+    return " ".join(str(error).split())
 
 
 class _Help(Exception):
@@ -70,7 +99,8 @@ def _build_parsers() -> dict[str, _Parser]:
         p[name] = parser
         return parser
 
-    s = new("save", "Save objects of the notebook (default: every checkpointable one) and the RNG states.")
+    s = new("save", "Save objects of the notebook (default: every checkpointable one, leaving out data sets above "
+                    "CkptMagics.auto_max_mb and what cannot be saved, with a note) and the RNG states.")
     s.add_argument("tag", nargs="?", help="tag (default: step-<step>, or ckpt-<date>-<time> when no step is known)")
     s.add_argument("names", nargs="*", help="variables to save (default: every checkpointable one)")
     s.add_argument("--async", dest="async_save", action="store_true",
@@ -79,7 +109,8 @@ def _build_parsers() -> dict[str, _Parser]:
     s.add_argument("--note", help="a note stored with the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing committed checkpoint of this tag")
     s.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[], metavar="K=V",
-                   help="metrics stored with the checkpoint, e.g. --metric loss=0.12 acc=0.9")
+                   help="metrics stored with the checkpoint, e.g. --metric loss=0.12 acc=0.9 (a value that is not a "
+                        "number is kept as text, and the result says so)")
     s.add_argument("--step", type=int, help="the training step (default: the variable `global_step` or `step`)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: for large saves)")
@@ -90,14 +121,16 @@ def _build_parsers() -> dict[str, _Parser]:
 
     ld = new("load", "Restore saved objects into the live ones, in place; all are checked before any changes.")
     ld.add_argument("tag", nargs="?", default="latest", help="tag or 'latest' (default)")
-    ld.add_argument("names", nargs="*", help="objects to restore (default: all, and the RNG states)")
+    ld.add_argument("names", nargs="*", help="objects to restore (default: all)")
     ld.add_argument("--map-location", default=None, metavar="DEV",
                     help="cpu, cuda, cuda:N or auto (default: where the tensors were saved)")
     ld.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                     help="missing/unexpected keys and dtype changes are errors (default) or notes")
     ld.add_argument("--into", metavar="VAR", help="load the one named object into a new variable instead")
     ld.add_argument("--rng", action=argparse.BooleanOptionalAction, default=None,
-                    help="restore the RNG states (default: when loading every object)")
+                    help="restore the RNG states (default: yes when loading in place; --into never does)")
+    ld.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
+                    help="a global safe loading may allow (repeatable)")
     ld.add_argument("--trusted", action="store_true",
                     help="load with weights_only=False (runs pickled code: only for files you trust)")
     ld.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -157,6 +190,9 @@ class CkptMagics(Magics, Configurable):
         ["auto", "always", "never"], default_value="auto", help="progress bars for saves and loads"
     ).tag(config=True)
     quiet = Bool(False, help="show one-line results by default (as -q)").tag(config=True)
+    auto_max_mb = Float(
+        512.0, help="%ckpt save with no names leaves out tensors and arrays larger than this many MiB (with a note)"
+    ).tag(config=True)
     report_async = Bool(True, help="after each cell, report async saves that finished").tag(config=True)
 
     def __init__(self, shell=None, **kwargs: Any):
@@ -180,6 +216,7 @@ class CkptMagics(Magics, Configurable):
             from .notebook import Checkpointer  # imports torch: only on first use
 
             ckpt = self._checkpointers[root] = Checkpointer(root)
+        ckpt.auto_max_bytes = int(self.auto_max_mb * (1 << 20)) if self.auto_max_mb >= 0 else None
         return ckpt
 
     def _namespace(self) -> dict[str, Any]:
@@ -194,7 +231,12 @@ class CkptMagics(Magics, Configurable):
 
     # -- the magic -------------------------------------------------------------------------------
     @line_magic
+    @no_var_expand  # IPython's own expansion is quadratic in the line's length; see _expand
     def ckpt(self, line: str = ""):
+        if len(line) > _MAX_LINE:
+            raise UsageError(f"%ckpt: the line is {len(line)} characters long; at most {_MAX_LINE} are accepted "
+                             "(a checkpoint's metadata, note included, holds at most 1 MiB)")
+        line = _expand(self.shell, line)
         try:
             args = shlex.split(line, posix=True)
         except ValueError as e:
@@ -222,7 +264,10 @@ class CkptMagics(Magics, Configurable):
         except UsageError:
             raise
         except TorchckptError as e:
-            raise UsageError(str(e)) from e
+            raise UsageError(in_dialect(_one_line(e), "magic")) from e
+        except OSError as e:  # the root or a file: one line, with the path
+            detail = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+            raise UsageError(f"%ckpt {sub}: {detail}; check the checkpoint root (%ckpt dir) and its permissions") from e
         if result is not None and hasattr(result, "quiet"):
             result.quiet = ns.quiet or self.quiet
         return result
@@ -244,11 +289,13 @@ class CkptMagics(Magics, Configurable):
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise UsageError(f"no variable {missing[0]!r} in the notebook{hint}")
             objects = {n: namespace[n] for n in a.names}
+            left_out: dict[str, str] = {}
         else:
-            objects = self.checkpointer.checkpointable(namespace)
+            objects, left_out = self.checkpointer.discover(namespace)
             if not objects:
+                why = f" ({'; '.join(f'{n}: {w}' for n, w in left_out.items())})" if left_out else ""
                 raise UsageError("nothing to save: the notebook has no modules, optimizers, tensors or other "
-                                 "checkpointable objects yet")
+                                 f"checkpointable objects yet{why}")
         try:
             metrics = parse_metrics(a.metrics)
         except ValueError as e:
@@ -256,7 +303,7 @@ class CkptMagics(Magics, Configurable):
         step = a.step if a.step is not None else infer_step(namespace)
         return self.checkpointer.save(
             a.tag, objects, async_save=a.async_save, commit=a.commit, note=a.note, metrics=metrics,
-            step=step, progress=self._progress(a.progress), overwrite=a.overwrite,
+            step=step, progress=self._progress(a.progress), overwrite=a.overwrite, left_out=left_out,
         )
 
     def _do_commit(self, a: argparse.Namespace):
@@ -265,7 +312,7 @@ class CkptMagics(Magics, Configurable):
     def _do_load(self, a: argparse.Namespace):
         return self.checkpointer.load(
             a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
-            into=a.into, rng=a.rng, trusted=a.trusted, progress=self._progress(a.progress),
+            into=a.into, rng=a.rng, allow=a.allow, trusted=a.trusted, progress=self._progress(a.progress),
         )
 
     def _do_ls(self, a: argparse.Namespace):
@@ -296,10 +343,11 @@ class CkptMagics(Magics, Configurable):
 
     def _do_dir(self, a: argparse.Namespace):
         if a.path is not None:
-            path = Path(a.path).expanduser()
-            if path.exists() and not path.is_dir():
-                raise UsageError(f"{path} exists and is not a directory; choose a directory for checkpoints")
-            self.root = str(path.absolute())
+            path = Path(a.path).expanduser().absolute()
+            problem = root_problem(path)
+            if problem:
+                raise UsageError(f"%ckpt dir {a.path}: {problem}; the root is unchanged ({self.resolved_root()})")
+            self.root = str(path)
         return self.resolved_root()
 
     def _do_ui(self, a: argparse.Namespace):
@@ -307,6 +355,9 @@ class CkptMagics(Magics, Configurable):
             print("The checkpoint panel is not part of this torchckpt version yet; "
                   "use %ckpt ls, save, load, diff and rm meanwhile.")
             return None
+        if not _shows_widgets(self.shell):
+            raise UsageError("%ckpt ui shows a widget panel, which needs a Jupyter notebook or JupyterLab (this is "
+                             f"{type(self.shell).__name__}, a terminal); here use %ckpt ls, save, load, diff and rm")
         from IPython.display import display
 
         from .panel import CheckpointPanel
@@ -366,6 +417,36 @@ class CkptMagics(Magics, Configurable):
             except Exception as e:  # noqa: BLE001 - report every checkpointer's failure
                 print(f"torchckpt: {e}", file=sys.stderr)
         self._checkpointers.clear()
+
+
+def _shows_widgets(shell) -> bool:
+    """Whether the shell runs in a Jupyter kernel, whose front end can display widgets."""
+    return getattr(shell, "kernel", None) is not None
+
+
+def root_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint root (None: it can). Nothing on disk is changed.
+
+    The nearest existing directory must accept a new directory: tried by making and removing
+    one, which also refuses pseudo file systems (/proc) and read-only mounts.
+    """
+    import tempfile
+
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a directory"
+        probe = path
+    else:
+        probe = path.parent
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is a file, so {path} cannot be made under it"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".torchckpt-probe-", dir=probe))
+    except OSError as e:
+        return f"cannot create directories in {probe} ({e.strerror or e})"
+    return None
 
 
 def _notebook_dir(shell) -> Path:

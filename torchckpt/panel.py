@@ -33,7 +33,7 @@ from typing import Any
 import ipywidgets as w
 
 from . import _format
-from .errors import TorchckptError
+from .errors import TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
 from .store import CheckpointInfo
@@ -495,7 +495,7 @@ class CheckpointPanel:
 
     def _failed(self, action: str, error: BaseException) -> None:
         self.last_error = error
-        message = f"{action} failed: {error}"
+        message = f"{action} failed: {in_dialect(' '.join(str(error).split()), 'magic')}"
         with contextlib.suppress(Exception):
             self.progress.bar_style = "danger"
         self._say(message, error=True)
