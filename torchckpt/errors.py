@@ -12,6 +12,10 @@ class TorchckptError(Exception):
     """Base class of every error torchckpt raises on purpose."""
 
 
+class MissingExtraError(TorchckptError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` to run."""
+
+
 class InvalidArgumentError(TorchckptError, ValueError):
     """An option's value cannot be used (a ``map_location`` that is not a device...)."""
 
