@@ -49,7 +49,7 @@ def has_nvidia_gpu() -> bool:
     if smi is None:
         return False
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and "GPU" in out.stdout
@@ -72,7 +72,7 @@ def offered_wheel(python: str, version: str) -> tuple[str, bool] | None:
         proc = subprocess.run(
             [python, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed",
              "--report", str(report), f"torch=={version}"],
-            capture_output=True, text=True,
+            capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0 or not report.exists():
             return None
@@ -131,7 +131,7 @@ def decide(*, installed: str | None, offered: tuple[str, bool] | None, gpu: bool
 
 
 def installed_torch(python: str) -> str | None:
-    proc = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True, check=False)
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run and plan.command:
             print(" ".join(plan.command))
         return 0 if plan.ok else 1
-    return subprocess.run(plan.command).returncode
+    return subprocess.run(plan.command, check=False).returncode
 
 
 if __name__ == "__main__":

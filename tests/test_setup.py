@@ -8,10 +8,10 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("install_torch", REPO / "scripts" / "install_torch.py")
@@ -35,18 +35,19 @@ def test_the_core_pulls_no_extra_and_dev_installs_them_all():
 def test_dev_help_prints_help_and_touches_nothing(tmp_path):
     shutil.copy(REPO / "dev", tmp_path / "dev")
     for arg in ("--help", "-h", "help"):
-        proc = subprocess.run(["bash", str(tmp_path / "dev"), arg], capture_output=True, text=True,
+        proc = subprocess.run(["bash", str(tmp_path / "dev"), arg], capture_output=True, text=True, check=False,
                               env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
         assert proc.returncode == 0 and "./dev test" in proc.stdout and "set -euo" not in proc.stdout
-    proc = subprocess.run(["bash", str(tmp_path / "dev"), "bogus"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(tmp_path / "dev"), "bogus"], capture_output=True, text=True, check=False,
                           env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown command: bogus" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev"]  # no .venv, no stamp
 
 
 def plan(**facts):
-    base = dict(installed=None, offered=("2.13.0", False), gpu=False, choice="auto", cpu_index_reachable=None,
-                python="py", version="2.13.0", index="https://download.pytorch.org/whl/cpu")
+    base = {"installed": None, "offered": ("2.13.0", False), "gpu": False, "choice": "auto",
+            "cpu_index_reachable": None, "python": "py", "version": "2.13.0",
+            "index": "https://download.pytorch.org/whl/cpu"}
     return install_torch.decide(**{**base, **facts})
 
 
@@ -76,7 +77,7 @@ def test_cuda_requirements_are_read_with_their_markers():
 
 def test_the_dry_run_here_keeps_the_installed_torch():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "install_torch.py"), "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "keeping the installed torch" in proc.stderr and proc.stdout == ""
 
 
@@ -85,7 +86,7 @@ def test_a_missing_extra_is_one_line_naming_the_install():
             "import torchckpt\n"
             "try:\n    torchckpt.install\n"
             "except torchckpt.TorchckptError as e:\n    print(type(e).__name__, e)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.stdout.strip() == ("MissingExtraError torchckpt.install needs deepspeed, which is not installed here: "
                                    "pip install 'torchckpt[deepspeed]'"), proc.stdout + proc.stderr
 
