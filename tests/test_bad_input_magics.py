@@ -233,3 +233,17 @@ def test_variables_still_expand_and_a_huge_line_is_refused_at_once(ip, root):
     result = ip.run_cell('%ckpt save t x --note "' + "n" * 2_000_000 + '"', store_history=False)
     assert type(result.error_in_exec) is UsageError and "characters long" in str(result.error_in_exec)
     assert time.perf_counter() - started < 3
+
+
+@pytest.mark.parametrize(("line", "offered"), [
+    ("%ckpt load a --into cl", ["cl"]),          # a name the user types: nothing to offer
+    ("%ckpt save t --note i", ["i"]),
+    ("%ckpt zz ", [""]),
+    ("%ckpt load a x --map-location c", ["cpu"]),
+    ("%ckpt load a --st", ["--strict"]),
+])
+def test_completion_never_offers_python_keywords_or_magics(ip, root, line, offered):
+    run(ip, "x = 1\nclassy = 2")
+    got = ip.complete(None, line, len(line))[1]
+    assert got == offered
+    assert not {"class", "classmethod", "import", "%alias"} & set(got)

@@ -380,7 +380,14 @@ class CkptMagics(Magics, Configurable):
                     print(f"torchckpt: async save {outcome.tag!r} committed")
 
     def complete(self, shell, event) -> list[str]:
-        """Completions for ``%ckpt``: subcommands, options, tags and variable names."""
+        """Completions for ``%ckpt``: subcommands, options, tags, variable names and devices.
+
+        Never an empty list: IPython would then offer its own completions (Python keywords,
+        magics, file names), none of which fits here; with nothing to offer, the word as typed.
+        """
+        return self._completions(event) or [_last_word(event.text_until_cursor)]
+
+    def _completions(self, event) -> list[str]:
         try:
             words = shlex.split(event.text_until_cursor)
         except ValueError:
@@ -394,6 +401,14 @@ class CkptMagics(Magics, Configurable):
         parser = _PARSERS.get(sub)
         if parser is None:
             return []
+        previous = words[-2] if len(words) >= 2 else ""
+        takes_value = {o for a in parser._actions if a.nargs != 0 and a.option_strings for o in a.option_strings}
+        if previous == "--map-location":
+            from ._devices import valid_locations
+
+            return [d for d in valid_locations() if d.startswith(current)]
+        if previous in takes_value:
+            return []  # a value the user types (--note, --into, --metric, --step...)
         if current.startswith("-"):
             return sorted(o for a in parser._actions for o in a.option_strings if o.startswith(current))
         out: list[str] = []
@@ -417,6 +432,10 @@ class CkptMagics(Magics, Configurable):
             except Exception as e:  # noqa: BLE001 - report every checkpointer's failure
                 print(f"torchckpt: {e}", file=sys.stderr)
         self._checkpointers.clear()
+
+
+def _last_word(text: str) -> str:
+    return "" if not text or text[-1].isspace() else text.split()[-1]
 
 
 def _shows_widgets(shell) -> bool:

@@ -99,6 +99,8 @@ class SaveResult(_Result):
     error: BaseException | None = None
     #: What the save left out or changed, and why (objects skipped by a save with no names...).
     notes: list[str] = field(default_factory=list)
+    #: The checkpoint's size as ``ls`` shows it: every file of the tag (objects, RNG states...).
+    checkpoint_size: int | None = None
     quiet: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -127,7 +129,9 @@ class SaveResult(_Result):
             "failed": f"FAILED: {self.error}",
         }[self.status]
         extra = [f"step {self.step}"] if self.step is not None else []
-        if self.size is not None:
+        if self.checkpoint_size is not None:
+            extra.append(_render.size(self.checkpoint_size))
+        elif self.size is not None:
             extra.append(_render.size(self.size))
         if self.seconds:
             extra.append(_render.duration(self.seconds))
@@ -172,6 +176,8 @@ class LoadResult(_Result):
     notes: list[str] = field(default_factory=list)
     #: Why the RNG states were (not) restored, for the headline.
     rng_reason: str = ""
+    #: The whole checkpoint's size (``size`` is what this load read of it).
+    checkpoint_size: int | None = None
     quiet: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -184,7 +190,10 @@ class LoadResult(_Result):
     def _headline(self) -> str:
         rng = "RNG states restored" if self.rng else "RNG states left as they were"
         rng += f" ({self.rng_reason})" if self.rng_reason else ""
-        return f"{self.tag}: loaded ({_render.size(self.size)}, {_render.duration(self.seconds)}); {rng}"
+        read = _render.size(self.size)
+        if self.checkpoint_size is not None and self.checkpoint_size != self.size:
+            read = f"read {read} of {_render.size(self.checkpoint_size)}"
+        return f"{self.tag}: loaded ({read}, {_render.duration(self.seconds)}); {rng}"
 
     def _rows(self) -> list[list[str]]:
         how = {"restored": "restored in place", "assigned": "assigned", "into": "loaded into"}
@@ -634,6 +643,8 @@ class Checkpointer:
 
     def _fill_sizes(self, result: SaveResult, manifest: Any) -> None:
         result.objects = [replace(o) for o in result.objects]
+        if manifest is not None:
+            result.checkpoint_size = manifest.size
         for obj in result.objects:
             if obj.file is None:
                 continue
@@ -839,7 +850,8 @@ class Checkpointer:
         actions = {"restore": "restored", "assign": "assigned", "into": "into"}
         loaded = [LoadedObject(s.name, s.kind, actions[s.action], s.target or s.name) for s in plan.steps]
         return LoadResult(tag, self.root, loaded, rng=rng_state is not None,
-                          seconds=time.perf_counter() - started, size=total, notes=notes, rng_reason=rng_reason)
+                          seconds=time.perf_counter() - started, size=total, notes=notes, rng_reason=rng_reason,
+                          checkpoint_size=info.size)
 
     # -- inspecting and removing -----------------------------------------------------------------
     def list(self) -> TagList:
@@ -897,7 +909,7 @@ class Checkpointer:
                  for n, o in objs.items() if isinstance(o, dict)]
         md = info.metadata
         return SaveResult(info.tag, self.root, saved, info.status, step=md.get("step"), note=md.get("note"),
-                          metrics=md.get("metrics") or {}, quiet=quiet)
+                          metrics=md.get("metrics") or {}, quiet=quiet, checkpoint_size=info.size)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
