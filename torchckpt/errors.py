@@ -164,4 +164,4 @@ def hint_options(error: BaseException) -> list[str]:
     import re
 
     pattern = "|".join(f"(?:{p})" for p, _, _ in _FIXES)
-    return [m.group(0) for m in re.finditer(pattern, str(error))]
+    return [m.group(0).split(" (")[0] for m in re.finditer(pattern, str(error))]
