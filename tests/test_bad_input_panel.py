@@ -119,3 +119,31 @@ def test_every_mistake_is_one_line_in_ckpt_words_and_changes_nothing(root, arran
         assert ns.keys() == before_ns.keys() and all(ns[k] is v for k, v in before_ns.items())
     finally:
         p.close()
+
+
+def test_a_partial_load_restores_the_rng_and_says_so(root):
+    ns = {"model": torch.nn.Linear(2, 2), "x": 1}
+    p = CheckpointPanel(root=root, namespace=ns, executor="inline", poll_interval=None)
+    try:
+        do_save(p, "s")
+        p.objects_select.value = ("model",)  # untick x: load only the model
+        state = torch.get_rng_state()
+        torch.rand(3)
+        do_load(p, "s")
+        assert p.last_error is None, text(p.status)
+        assert "loaded 's': model + RNG" in text(p.status)
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        p.close()
+
+
+def test_the_objects_list_says_what_it_leaves_out(root):
+    ns = {"model": torch.nn.Linear(2, 2), "cfg": {"act": lambda x: x}}
+    p = CheckpointPanel(root=root, namespace=ns, executor="inline", poll_interval=None)
+    try:
+        assert [v for _, v in p.objects_select.options] == ["model"]
+        assert "not in the objects list: cfg: cfg['act'] is a lambda" in log_text(p)
+        p.refresh()
+        assert log_text(p).count("cfg['act'] is a lambda") == 1
+    finally:
+        p.close()
