@@ -139,7 +139,7 @@ def test_a_long_note_is_parsed_in_linear_time(ip, root):
 
     run(ip, "x = 1")
     started = time.perf_counter()
-    r = run(ip, '%ckpt save t x -q --note "' + "n" * 40_000 + '"')
+    r = run(ip, '%ckpt save t x -q --note "' + "n" * 40_000 + ' costs 5$ {x}"')
     assert r.committed and time.perf_counter() - started < 3
 
 
@@ -247,3 +247,21 @@ def test_completion_never_offers_python_keywords_or_magics(ip, root, line, offer
     got = ip.complete(None, line, len(line))[1]
     assert got == offered
     assert not {"class", "classmethod", "import", "%alias"} & set(got)
+
+
+@pytest.mark.parametrize("line", ["save $a", "save '$a' $b", "save $$a", "x {n+1} $b", "5$ and $a", "a {{lit}} $a",
+                                  "it's $a", "q '$a' '$b'", "{n:03d} $a", "{b!r} $a", "a}b $a", "$a{b}$b", "$_zz $a"])
+def test_expansion_is_ipythons_in_linear_time(line):
+    from IPython.utils.text import DollarFormatter, FullEvalFormatter
+
+    from torchckpt.magics import _dollars_to_fields
+
+    ns = {"a": 1, "b": "x", "n": 3}
+
+    def expand(formatter, convert=str):
+        try:
+            return formatter.vformat(convert(line), args=[], kwargs=ns)
+        except Exception:  # noqa: BLE001 - IPython passes such a line as typed
+            return line
+
+    assert expand(FullEvalFormatter(), _dollars_to_fields) == expand(DollarFormatter())
