@@ -64,7 +64,23 @@ def disk(path) -> dict[str, tuple[int, int]]:
 
 # -- the table: (set-up cells, the mistake, what the one line must say) ------------------------------
 SETUP_RESTORE = "import torch\nmodel = 42"
+CORRUPT = """
+import json, os
+from torchckpt._fileio import checksum_file
+_r = get_ipython().run_line_magic('ckpt', 'dir')
+_p = _r / 'rb' / 'objects' / 'x.pt'
+_p.write_bytes({head!r} + os.urandom(4096))
+_m = json.loads((_r / 'rb' / 'torchckpt-manifest.json').read_text())
+for _rec in _m['files']:
+    if _rec['path'] == 'objects/x.pt':
+        _rec['size'], _rec['checksum'] = checksum_file(_p)
+(_r / 'rb' / 'torchckpt-manifest.json').write_text(json.dumps(_m))
+"""
 CASES = [
+    pytest.param(["x = 1", "%ckpt save rb x", CORRUPT.format(head=b"")], "%ckpt load rb",
+                 ["not a torch.save file (zip or legacy) nor safetensors"], id="random-bytes"),
+    pytest.param(["x = 1", "%ckpt save rb x", CORRUPT.format(head=b"\x80")], "%ckpt load rb --trusted",
+                 ["could not be unpickled", "not a torch.save file"], id="random-bytes-trusted"),
     pytest.param([SETUP_RESTORE, "%ckpt save b model", "model = torch.nn.Linear(2, 2)"], "%ckpt load b",
                  ["saved as a plain value", "torch.nn.modules.linear.Linear", "--into model_saved"], id="value-over-module"),
     pytest.param(["import torch\nt = torch.zeros(3)", "%ckpt save b t", "t = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)"],

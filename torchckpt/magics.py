@@ -337,10 +337,19 @@ class CkptMagics(Magics, Configurable):
         return self.checkpointer.commit(a.tag, note=a.note)
 
     def _do_load(self, a: argparse.Namespace):
-        return self.checkpointer.load(
-            a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
-            into=a.into, rng=a.rng, allow=a.allow, trusted=a.trusted, progress=self._progress(a.progress),
-        )
+        try:
+            return self.checkpointer.load(
+                a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
+                into=a.into, rng=a.rng, allow=a.allow, trusted=a.trusted, progress=self._progress(a.progress),
+            )
+        except (TorchckptError, OSError):
+            raise
+        except Exception as e:
+            if not a.trusted:
+                raise
+            # Unpickling with --trusted runs whatever the file holds; any failure is the file's.
+            raise UsageError(f"%ckpt load --trusted: a file could not be unpickled ({type(e).__name__}: "
+                             f"{_one_line(e)}); it is not a torch.save file, or it is damaged") from e
 
     def _do_ls(self, a: argparse.Namespace):
         return self.checkpointer.list()
