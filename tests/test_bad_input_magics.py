@@ -173,6 +173,7 @@ def test_save_without_names_says_what_it_left_out_and_why(ip, root, tmp_path):
         assert "left out fh: an open file" in text
         assert "left out lock:" in text and "lock" in text
         assert "left out data: a tensor of 16.0 KiB, over the 10.2 KiB limit" in text and "name it" in text
+        assert repr(r).endswith("(4 notes: see .notes)>")
         r = run(ip, "%ckpt save named data")  # named: saved whatever its size, without a note
         assert r.names == ["data"] and not r.notes
     finally:

@@ -118,7 +118,8 @@ class SaveResult(_Result):
 
     def __repr__(self) -> str:
         names = ", ".join(self.names)
-        return f"<SaveResult {self.tag!r} {self.status}: {names}>"
+        notes = f" ({len(self.notes)} note{'s' if len(self.notes) != 1 else ''}: see .notes)" if self.notes else ""
+        return f"<SaveResult {self.tag!r} {self.status}: {names}{notes}>"
 
     def _headline(self) -> str:
         what = {
