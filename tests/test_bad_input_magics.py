@@ -77,6 +77,10 @@ for _rec in _m['files']:
 (_r / 'rb' / 'torchckpt-manifest.json').write_text(json.dumps(_m))
 """
 CASES = [
+    pytest.param(["x = 1", "%ckpt save cc x",
+                  "_f = get_ipython().run_line_magic('ckpt', 'dir') / 'cc' / 'objects' / 'x.pt'\n"
+                  "_f.write_bytes(_f.read_bytes() + b'tail')"], "%ckpt load cc",
+                 ["is corrupt", "--no-verify"], id="corrupt-hint"),
     pytest.param(["x = 1", "%ckpt save rb x", CORRUPT.format(head=b"")], "%ckpt load rb",
                  ["not a torch.save file (zip or legacy) nor safetensors"], id="random-bytes"),
     pytest.param(["x = 1", "%ckpt save rb x", CORRUPT.format(head=b"\x80")], "%ckpt load rb --trusted",
@@ -282,3 +286,11 @@ def test_expansion_is_ipythons_in_linear_time(line):
             return line
 
     assert expand(FullEvalFormatter(), _dollars_to_fields) == expand(DollarFormatter())
+
+
+def test_no_verify_reads_a_damaged_checkpoint_when_asked(ip, root):
+    run(ip, "x = 1\n%ckpt save cc x\nx = 2")
+    run(ip, "_f = get_ipython().run_line_magic('ckpt', 'dir') / 'cc' / 'objects' / 'x.pt'\n"
+            "_f.write_bytes(_f.read_bytes() + b'tail')")
+    r = run(ip, "%ckpt load cc --no-verify")
+    assert r.names == ["x"] and run(ip, "x") == 1

@@ -107,7 +107,7 @@ _FIXES: tuple[tuple[str, str | None, str | None], ...] = (
     (r"allow_latest=True \(or --force\)", "--force", "--force"),
     (r"allow_latest=True", "--force", "--force"),
     (r"verify=False, allow_incomplete=True", None, "--allow-incomplete"),
-    (r"verify=False", None, None),
+    (r"verify=False", "--no-verify", None),
     (r"allow_incomplete=True", None, "--allow-incomplete"),
     (r"strict=False", "--no-strict", None),
     (r"trusted=True", "--trusted", "--trusted"),

@@ -156,6 +156,9 @@ def _build_parsers() -> dict[str, _Parser]:
     ld.add_argument("--into", metavar="VAR", help="load the one named object into a new variable instead")
     ld.add_argument("--rng", action=argparse.BooleanOptionalAction, default=None,
                     help="restore the RNG states (default: yes when loading in place; --into never does)")
+    ld.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="check each file against the manifest's checksum (default; --no-verify reads a damaged "
+                         "checkpoint anyway)")
     ld.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
                     help="a global safe loading may allow (repeatable)")
     ld.add_argument("--trusted", action="store_true",
@@ -341,6 +344,7 @@ class CkptMagics(Magics, Configurable):
             return self.checkpointer.load(
                 a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
                 into=a.into, rng=a.rng, allow=a.allow, trusted=a.trusted, progress=self._progress(a.progress),
+                verify=a.verify,
             )
         except (TorchckptError, OSError):
             raise

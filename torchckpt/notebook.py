@@ -750,6 +750,7 @@ class Checkpointer:
         rng: bool | None = None,
         allow: Iterable[Any] = (),
         trusted: bool = False,
+        verify: bool = True,
     ) -> LoadResult:
         """Restore saved objects into ``namespace``: all checked first, then all applied.
 
@@ -766,6 +767,8 @@ class Checkpointer:
             rng: restore the RNG states (default: yes, unless ``into`` is given; ``into`` never
                 restores them). The result says which happened.
             allow, trusted: for states holding other classes, as :func:`torchckpt.serialization.load`.
+            verify: check each file read against the manifest's size and checksum (False: read
+                a damaged checkpoint anyway, at your risk).
 
         Raises:
             TagNotFoundError, IncompleteCheckpointError: no such committed tag.
@@ -828,7 +831,8 @@ class Checkpointer:
                     raise RestoreError(f"{name}: unknown kind {kind!r} in the manifest of {tag!r}")
                 payload = None
                 if file:
-                    payload = self.store.load(tag, file, map_location=map_location, allow=allow, trusted=trusted)
+                    payload = self.store.load(tag, file, map_location=map_location, allow=allow, trusted=trusted,
+                                              verify=verify)
                     if kind == "ndarray":
                         payload = payload.cpu()
                     bar.advance(sizes.get(file, 0))
@@ -836,7 +840,7 @@ class Checkpointer:
             rng_state = None
             if restore_rng:
                 rng_file = info.metadata.get("rng", RNG_FILE)
-                rng_state = self.store.load(tag, rng_file, map_location="cpu")
+                rng_state = self.store.load(tag, rng_file, map_location="cpu", verify=verify)
                 bar.advance(sizes.get(rng_file, 0))
         finally:
             bar.close()
