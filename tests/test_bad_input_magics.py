@@ -78,8 +78,8 @@ for _rec in _m['files']:
 """
 CASES = [
     pytest.param(["x = 1", "%ckpt save cc x",
-                  "_f = get_ipython().run_line_magic('ckpt', 'dir') / 'cc' / 'objects' / 'x.pt'\n"
-                  "_f.write_bytes(_f.read_bytes() + b'tail')"], "%ckpt load cc",
+                  ("_f = get_ipython().run_line_magic('ckpt', 'dir') / 'cc' / 'objects' / 'x.pt'\n"
+                   "_f.write_bytes(_f.read_bytes() + b'tail')")], "%ckpt load cc",
                  ["is corrupt", "--no-verify"], id="corrupt-hint"),
     pytest.param(["x = 1", "%ckpt save rb x", CORRUPT.format(head=b"")], "%ckpt load rb",
                  ["not a torch.save file (zip or legacy) nor safetensors"], id="random-bytes"),
