@@ -294,3 +294,25 @@ def test_no_verify_reads_a_damaged_checkpoint_when_asked(ip, root):
             "_f.write_bytes(_f.read_bytes() + b'tail')")
     r = run(ip, "%ckpt load cc --no-verify")
     assert r.names == ["x"] and run(ip, "x") == 1
+
+
+def test_the_line_splits_as_shlex_does():
+    import shlex
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from torchckpt.magics import split_line
+
+    def outcome(split, text):
+        try:
+            return split(text)
+        except ValueError as e:
+            return ("error", str(e))
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.text(alphabet="ab '\"\\\t\n$`é", max_size=20))
+    def same(text):
+        assert outcome(split_line, text) == outcome(lambda t: shlex.split(t, posix=True), text)
+
+    same()

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,71 @@ _TAG_COMMANDS = frozenset({"commit", "load", "info", "diff", "verify", "rm"})
 
 #: Longer %ckpt lines are refused before parsing: the metadata they could set is at most 1 MiB.
 _MAX_LINE = (1 << 20) + 4096
+
+
+def split_line(line: str) -> list[str]:
+    """``shlex.split(line)`` (POSIX rules) in linear time: shlex grows each token one character
+    at a time, which is quadratic in a long quoted note.
+
+    Raises:
+        ValueError: ``No closing quotation`` / ``No escaped character``, as shlex.
+    """
+    words: list[str] = []
+    word: list[str] = []
+    in_word = False
+    i, n = 0, len(line)
+    while i < n:
+        ch = line[i]
+        if ch.isspace():
+            if in_word:
+                words.append("".join(word))
+                word, in_word = [], False
+            i += 1
+            continue
+        in_word = True
+        if ch == "'":
+            end = line.find("'", i + 1)
+            if end < 0:
+                raise ValueError("No closing quotation")
+            word.append(line[i + 1:end])
+            i = end + 1
+        elif ch == '"':
+            i += 1
+            while True:
+                if i >= n:
+                    raise ValueError("No closing quotation")
+                j = i
+                while j < n and line[j] not in '"\\':
+                    j += 1
+                word.append(line[i:j])
+                if j >= n:
+                    raise ValueError("No closing quotation")
+                if line[j] == '"':
+                    i = j + 1
+                    break
+                # inside double quotes a backslash escapes only " and itself (as shlex); else it stays
+                if j + 1 >= n:
+                    raise ValueError("No escaped character")
+                if line[j + 1] in '"\\':
+                    word.append(line[j + 1])
+                    i = j + 2
+                else:
+                    word.append("\\")
+                    i = j + 1
+        elif ch == "\\":
+            if i + 1 >= n:
+                raise ValueError("No escaped character")
+            word.append(line[i + 1])
+            i += 2
+        else:
+            j = i
+            while j < n and not line[j].isspace() and line[j] not in "'\"\\":
+                j += 1
+            word.append(line[i:j])
+            i = j
+    if in_word:
+        words.append("".join(word))
+    return words
 
 
 def _dollars_to_fields(line: str) -> str:
@@ -268,7 +332,7 @@ class CkptMagics(Magics, Configurable):
                              "(a checkpoint's metadata, note included, holds at most 1 MiB)")
         line = _expand(self.shell, line)
         try:
-            args = shlex.split(line, posix=True)
+            args = split_line(line)
         except ValueError as e:
             raise UsageError(f"%ckpt {line}: {e} (quote values that contain spaces)") from None
         if not args:
@@ -429,7 +493,7 @@ class CkptMagics(Magics, Configurable):
 
     def _completions(self, event) -> list[str]:
         try:
-            words = shlex.split(event.text_until_cursor)
+            words = split_line(event.text_until_cursor)
         except ValueError:
             words = event.text_until_cursor.split()
         if event.text_until_cursor.endswith((" ", "\t")):
