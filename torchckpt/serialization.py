@@ -20,7 +20,7 @@ from typing import Any, Union
 
 import torch
 
-from .errors import DeviceUnavailableError, UnsafeCheckpointError
+from .errors import DeviceUnavailableError, NotTorchFileError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,8 @@ def load(
     path = Path(path)
     location = resolve_map_location(map_location)
     is_zip = _is_zip(path)
+    if not is_zip and not _is_pickle(path):
+        raise NotTorchFileError(f"{path} is not a torch.save file (zip or legacy) nor safetensors")
     use_mmap = mmap and is_zip
     if trusted:
         return _torch_load(path, location, weights_only=False, mmap=use_mmap)
@@ -219,7 +221,15 @@ def load(
                 raise
             needed = _globals_from_message(text)
             more, missing = _allowed_globals(needed, allow)
-            if missing or not needed or any(m in entries for m in more):
+            if not needed:  # refused for a reason that is no global: not a file torch wrote
+                import re
+
+                reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+                raise NotTorchFileError(
+                    f"{path} is not a torch.save file (zip or legacy) nor safetensors"
+                    + (f" ({reason.group(1).strip()})" if reason and reason.group(1).strip() else "")
+                ) from e
+            if missing or any(m in entries for m in more):
                 raise _unsafe_error(path, missing or needed or ["<unknown>"]) from e
             entries += more
 
@@ -246,6 +256,12 @@ def _globals_from_message(text: str) -> list[str]:
     import re
 
     return sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later (how legacy torch.save files start)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _is_zip(path: Path) -> bool:
