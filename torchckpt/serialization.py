@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import torch
 
+from . import _safe_unpickle
 from .errors import DeviceUnavailableError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,11 @@ def load(
     use_mmap = mmap and is_zip
     if trusted:
         return _torch_load(path, location, weights_only=False, mmap=use_mmap)
+    if use_mmap:  # the C unpickler, where it provably does only what the weights-only one would
+        try:
+            return _safe_unpickle.load(path, location)
+        except _safe_unpickle.Decline as e:
+            logger.debug("%s: loading with torch's weights-only unpickler (%s)", path, e)
     entries: list[Any] = []
     if is_zip:  # the zip format lets us list every global up front, without unpickling
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
