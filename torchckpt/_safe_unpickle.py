@@ -19,7 +19,11 @@ Tensors are rebuilt by :func:`_rebuild_tensor_v2` / :func:`_rebuild_parameter`, 
 torch's own steps (``set_`` checks the storage bounds) and refuse anything but plain
 arguments: an empty ``OrderedDict`` of backward hooks, no metadata.
 
-Whatever this module does not handle — NEWOBJ (dataclasses, ``argparse.Namespace``: DeepSpeed's
+Two things torch's unpickler loads are refused (:class:`Refused`): tensors with backward hooks
+(``torch.save`` never writes them) and a storage larger than its zip record (torch would map
+the bytes of the records after it).
+
+Whatever else this module does not handle — NEWOBJ (dataclasses, ``argparse.Namespace``: DeepSpeed's
 files), other globals, legacy files, a fake or meta map location, big-endian data — raises
 :class:`Decline` before anything outside the objects being built is touched, and the caller
 loads the file with torch's weights-only unpickler instead, which then accepts or refuses it.
@@ -34,6 +38,7 @@ import mmap
 import os
 import pickle
 import sys
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,11 @@ class Decline(Exception):
     """The fast path does not handle this file; load it with torch's weights-only unpickler."""
 
 
+class Refused(Exception):
+    """Something ``torch.save`` never writes and torch's weights-only unpickler would still load:
+    tensors with backward hooks, a storage larger than its record (it would read other records)."""
+
+
 def _fast_globals() -> dict[str, Any]:
     from _codecs import encode
 
@@ -52,6 +62,7 @@ def _fast_globals() -> dict[str, Any]:
 
     table: dict[str, Any] = {
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
         "torch._utils._rebuild_parameter": _rebuild_parameter,
         "collections.OrderedDict": OrderedDict,
         "collections.Counter": Counter,
@@ -61,9 +72,9 @@ def _fast_globals() -> dict[str, Any]:
         "builtins.set": set,
         "builtins.complex": complex,
         "builtins.bytearray": bytearray,
-        "torch.UntypedStorage": torch.UntypedStorage,
+        "torch.storage.UntypedStorage": torch.UntypedStorage,
     }
-    for dtype in torch.storage._dtype_to_storage_type_map():
+    for dtype in (*torch.storage._dtype_to_storage_type_map(), *torch.storage._new_dtypes()):
         table[str(dtype)] = dtype
     for storage in torch._storage_classes:
         if storage not in (torch.storage.TypedStorage, torch.storage.UntypedStorage):
@@ -85,6 +96,15 @@ def fast_globals() -> dict[str, Any]:
         allowed = _get_allowed_globals()
         _GLOBALS = {name: obj for name, obj in table.items() if name in allowed}
     return _GLOBALS
+
+
+def global_name(module: str, name: str) -> str:
+    """The dotted name torch's weights-only unpickler gives a GLOBAL (Python 2 names mapped)."""
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
 
 
 # -- the opcode pass ---------------------------------------------------------------------------
@@ -210,7 +230,7 @@ def _scan(data: bytes, allowed: dict[str, Any]) -> None:
         elif op == 0x63:  # GLOBAL
             end1 = data.index(b"\n", i)
             end2 = data.index(b"\n", end1 + 1)
-            name = f"{data[i:end1].decode('utf-8')}.{data[end1 + 1 : end2].decode('utf-8')}"
+            name = global_name(data[i:end1].decode("utf-8"), data[end1 + 1 : end2].decode("utf-8"))
             if name not in allowed:
                 raise Decline(f"global {name}")
             i = end2 + 1
@@ -228,8 +248,14 @@ def _scan(data: bytes, allowed: dict[str, Any]) -> None:
 
 
 # -- tensors -----------------------------------------------------------------------------------
+def _refuse_hooks(backward_hooks) -> None:
+    if backward_hooks and backward_hooks.__class__ in (OrderedDict, dict):
+        raise Refused("a tensor with backward hooks")
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
     """torch._utils._rebuild_tensor_v2 for plain arguments only (no hooks, no metadata)."""
+    _refuse_hooks(backward_hooks)
     if (
         storage.__class__ is not torch.storage.TypedStorage
         or storage_offset.__class__ is not int
@@ -248,8 +274,31 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
     return tensor
 
 
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    """torch._utils._rebuild_tensor_v3 (dtypes without a storage class) for plain arguments only."""
+    _refuse_hooks(backward_hooks)
+    if (
+        storage.__class__ is not torch.storage.TypedStorage
+        or storage_offset.__class__ is not int
+        or size.__class__ is not tuple
+        or stride.__class__ is not tuple
+        or requires_grad.__class__ is not bool
+        or backward_hooks.__class__ is not OrderedDict
+        or backward_hooks
+        or dtype.__class__ is not torch.dtype
+        or metadata is not None
+    ):
+        raise Decline("a tensor rebuilt from unusual arguments")
+    untyped = storage._untyped_storage
+    tensor = torch.empty((0,), dtype=dtype, device=untyped.device, requires_grad=requires_grad)
+    tensor.set_(untyped, storage_offset, size, stride)
+    tensor._backward_hooks = backward_hooks
+    return tensor
+
+
 def _rebuild_parameter(data, requires_grad, backward_hooks):
     """torch._utils._rebuild_parameter for plain arguments only (no hooks)."""
+    _refuse_hooks(backward_hooks)
     if (
         data.__class__ is not torch.Tensor
         or requires_grad.__class__ is not bool
@@ -276,7 +325,7 @@ class _Loader(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self._globals[f"{module}.{name}"]
+            return self._globals[global_name(module, name)]
         except KeyError:
             raise Decline(f"global {module}.{name}") from None
 
@@ -303,7 +352,7 @@ class _Loader(pickle.Unpickler):
         except RuntimeError:
             raise Decline(f"no record {name}") from None
         if nbytes > record_size or offset + nbytes > self._file_size:
-            raise Decline(f"storage {key} larger than its record")
+            raise Refused(f"a storage ({key}) of {nbytes} bytes, larger than its record ({record_size} bytes)")
         storage = self._restore(self._overall[offset : offset + nbytes], location)
         typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         if typed._data_ptr() != 0:
@@ -345,7 +394,7 @@ def load(path: str | Path, map_location: Any) -> Any:
     loader = _Loader(data, reader, overall, file_size, restore, globals_)
     try:
         return loader.load()
-    except Decline:
+    except (Decline, Refused):
         raise
     except Exception as e:  # noqa: BLE001 - whatever the C unpickler or torch refused, torch decides
         raise Decline(f"{type(e).__name__}: {e}") from None

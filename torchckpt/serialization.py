@@ -208,6 +208,12 @@ def load(
             return _safe_unpickle.load(path, location)
         except _safe_unpickle.Decline as e:
             logger.debug("%s: loading with torch's weights-only unpickler (%s)", path, e)
+        except _safe_unpickle.Refused as e:
+            raise UnsafeCheckpointError(
+                f"{path} holds {e}, which torch.save never writes: it is corrupt or crafted; "
+                "if you trust the whole file, pass trusted=True (this runs arbitrary pickled code)",
+                [],
+            ) from None
     entries: list[Any] = []
     if is_zip:  # the zip format lets us list every global up front, without unpickling
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
