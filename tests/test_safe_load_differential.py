@@ -194,6 +194,7 @@ def hostile_pickles(marker: Path) -> dict[str, bytes]:
         # memo and stack tricks
         "BINGET undefined": pkl(b"h\x05"),
         "memo slot reused for a tensor": pkl(b"]q\x01" + t + b"r\x01\x00\x00\x00" + b"0" + b"h\x01" + num(1) + b"a"),
+        "memo index 2**32-1 (a 64 GiB memo array in C)": pkl(num(1) + b"r\xff\xff\xff\xff"),
         "below the MARK": pkl(num(1) + b"(\x85t"),
         "TUPLE2 on one item": pkl(num(1) + b"(" + num(2) + b"\x86t"),
         "recursive tuple via list": pkl(b"]q\x00h\x00\x85a"),

@@ -144,12 +144,16 @@ def _scan(data: bytes, allowed: dict[str, Any]) -> None:
     push = stack.append
     frombytes = int.from_bytes
     prim_args = _PRIM_ARGS
+    limit = len(data)  # a pickle has fewer memo entries than bytes
     i = 2
     while True:  # torch's weights-only opcodes; a read past the end raises IndexError
         op = data[i]
         i += 1
         if op == 0x72:  # LONG_BINPUT
-            memo[frombytes(data[i : i + 4], "little")] = stack[-1]
+            index = frombytes(data[i : i + 4], "little")
+            if index > limit:  # the C unpickler's memo is an array: index 2**32-1 would fill 64 GiB
+                raise Decline("memo index beyond the pickle's length")
+            memo[index] = stack[-1]
             i += 4
             continue
         skip = prim_args[op]
