@@ -25,8 +25,8 @@ contender comes first):
   the allocator's reuse of freed memory hides allocations, so it is not in the tables).
 
 Plus the floors: a warm ``memcpy`` of the same bytes into already-touched buffers (pinned
-device-to-host on CUDA), touching the in-memory state, and writing its bytes to a file with
-fsync (CPU). Ratios are against DeepSpeed's engine.
+device-to-host on CUDA), touching the in-memory state, and (CPU) writing its bytes to a file
+with fsync, and hashing them (xxh3-128) and touching them. Ratios are against DeepSpeed's engine.
 Results go to ``benchmarks/results-<device>.json``, a chart to ``benchmarks/results-<device>.png``
 and the tables into BENCHMARKS.md (between the ``bench_checkpoint`` markers; the rest of the file
 is kept). ``benchmarks/analysis.md`` (hand-written) is copied in below the tables.
@@ -68,8 +68,8 @@ END = "<!-- bench_checkpoint:end -->"
 # ("floor", key) or ("bytes",); the floor's ratio to the same base is shown beside the target's.
 TARGETS = [
     ("load", "torchckpt", "load", ("torch-unsafe", "load"), 1.5, "× unsafe torch.load(mmap) of the file", None,
-     ("floor", "touch")),
-    ("load", "torchckpt", "load", ("deepspeed", "load"), 0.2, "× DeepSpeed engine's load", ("few",), ("floor", "touch")),
+     ("floor", "verify")),
+    ("load", "torchckpt", "load", ("deepspeed", "load"), 0.2, "× DeepSpeed engine's load", ("few",), ("floor", "verify")),
     ("sync durable", "torchckpt", "durable", ("deepspeed", "durable"), 0.6, "× DeepSpeed's save + fsync", None,
      ("floor", "write")),
     ("async stall", "torchckpt-async", "stall", ("floor", "memcpy"), 1.3, "× warm memcpy of the state", None, None),
@@ -260,6 +260,9 @@ class Contender:
     def retained_bytes(self) -> int:
         return 0
 
+    def between_states(self) -> None:
+        """After one state's runs, before the next (a new training run in the same process)."""
+
     def close(self) -> None:
         pass
 
@@ -398,6 +401,9 @@ class TorchckptAsync(Torchckpt):
     def retained_bytes(self):
         return self.writer.pooled_bytes
 
+    def between_states(self):
+        self.writer.close()  # the buffers of the previous state's size go (the engine's cleanup())
+
     def close(self):
         self.writer.shutdown()
 
@@ -504,8 +510,24 @@ class Floor:
         t1 = now()
         touch(self.state)
         t2 = now()
-        write = self.write() if self.device == "cpu" else float("nan")
-        return {"memcpy": t1 - t0, "touch": t2 - t1, "write": write}
+        if self.device != "cpu":
+            return {"memcpy": t1 - t0, "touch": t2 - t1, "write": float("nan"), "verify": float("nan")}
+        return {"memcpy": t1 - t0, "touch": t2 - t1, "write": self.write(), "verify": self.verify()}
+
+    def verify(self) -> float:
+        """xxh3-128 of the state's bytes in memory (what checking a file against its manifest costs,
+        without the file) plus touching them: the least a verified load costs."""
+        import xxhash
+
+        t0 = now()
+        h = xxhash.xxh3_128()
+        for t in self.src:
+            n = t.untyped_storage().nbytes()
+            if n:
+                h.update(memoryview((ctypes.c_char * n).from_address(t.untyped_storage().data_ptr())))
+        h.hexdigest()
+        touch(self.state)
+        return now() - t0
 
     def write(self) -> float:
         """Write the state's bytes to a new file (1 MiB buffer, one write per tensor) and fsync it and
@@ -559,7 +581,10 @@ def bench_state(name: str, state: dict, contenders: list[Contender], repeats: in
         c.name: {k: statistics.median(row[k] for row in result["runs"][c.name]) for k in result["runs"][c.name][0]}
         for c in contenders
     }
-    result["floor"] = {k: statistics.median(row[k] for row in result["floor_runs"]) for k in ("memcpy", "touch", "write")}
+    result["floor"] = {k: statistics.median(row[k] for row in result["floor_runs"])
+                       for k in ("memcpy", "touch", "write", "verify")}
+    for c in contenders:
+        c.between_states()
     return result
 
 
@@ -667,7 +692,7 @@ def target_rows(results: dict) -> list[str]:
             floor = "–"
             if bound is not None and base[0] in s["runs"]:
                 ratios = [f[bound[1]] / b[base[1]] for f, b in zip(s["floor_runs"], s["runs"][base[0]])]
-                what = {"touch": "touching the bytes", "write": "write + fsync of the bytes"}[bound[1]]
+                what = {"verify": "hashing + touching the bytes", "write": "write + fsync of the bytes"}[bound[1]]
                 floor = f"{statistics.median(ratios):.2f} ({what})"
             lines.append(f"| {label} | {state} | {value:.2f} {unit} | {min(values):.2f}–{max(values):.2f} | "
                          f"≤ {goal} | {verdict} | {floor} |")
