@@ -5,10 +5,12 @@
     python benchmarks/bench_checkpoint.py --quick        # 64 MiB states only, 2 repeats (a smoke run)
     python benchmarks/bench_checkpoint.py --device cuda  # CUDA tensors (see benchmarks/gpu_check.sh)
 
-Contenders, all given the very same state (a flat dict of tensors, so that safetensors can take
-it too): DeepSpeed's ``TorchCheckpointEngine``, ``torch.save``/``torch.load``, safetensors,
-``torch.distributed.checkpoint`` (``save`` and ``async_save``), torchckpt (a synchronous
-transaction, and one with an ``AsyncWriter``).
+Contenders, all given the very same state: DeepSpeed's ``TorchCheckpointEngine``,
+``torch.save``/``torch.load``, the unsafe ``torch.load(mmap=True, weights_only=False)`` of
+torchckpt's file, safetensors and ``torch.distributed.checkpoint`` (``save`` and ``async_save``;
+flat dicts of tensors only), torchckpt (a synchronous transaction, and one with an
+``AsyncWriter``), and for the transformer + AdamW state the notebook's ``Checkpointer`` saving
+and restoring the live model and optimizer in place.
 
 Measured per contender, as the median over interleaved repeats (the order of the contenders
 and the floor is shuffled every repeat, with a fixed seed; one unmeasured warm-up run of each
