@@ -193,8 +193,14 @@ def load(
         trusted: load with ``weights_only=False`` (runs arbitrary pickled code).
         mmap: memory-map the file (zip format only) instead of reading it into memory first.
 
+    A safe load of a memory-mapped zip file runs CPython's C unpickler when one pass over the
+    pickle proves it does only what torch's weights-only unpickler would (``_safe_unpickle``);
+    other files go through torch's weights-only unpickler.
+
     Raises:
-        UnsafeCheckpointError: the file needs globals that are not allowed.
+        UnsafeCheckpointError: the file needs globals that are not allowed, or holds what
+            ``torch.save`` never writes (tensors with backward hooks, a storage larger than its
+            record).
         DeviceUnavailableError: tensors were saved on a device this machine lacks.
     """
     path = Path(path)
