@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import torch
 
+from . import _safe_unpickle
 from .errors import DeviceUnavailableError, NotTorchFileError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -193,8 +194,14 @@ def load(
         trusted: load with ``weights_only=False`` (runs arbitrary pickled code).
         mmap: memory-map the file (zip format only) instead of reading it into memory first.
 
+    A safe load of a memory-mapped zip file runs CPython's C unpickler when one pass over the
+    pickle proves it does only what torch's weights-only unpickler would (``_safe_unpickle``);
+    other files go through torch's weights-only unpickler.
+
     Raises:
-        UnsafeCheckpointError: the file needs globals that are not allowed.
+        UnsafeCheckpointError: the file needs globals that are not allowed, or holds what
+            ``torch.save`` never writes (tensors with backward hooks, a storage larger than its
+            record).
         DeviceUnavailableError: tensors were saved on a device this machine lacks.
     """
     path = Path(path)
@@ -205,6 +212,17 @@ def load(
     use_mmap = mmap and is_zip
     if trusted:
         return _torch_load(path, location, weights_only=False, mmap=use_mmap)
+    if use_mmap:  # the C unpickler, where it provably does only what the weights-only one would
+        try:
+            return _safe_unpickle.load(path, location)
+        except _safe_unpickle.Decline as e:
+            logger.debug("%s: loading with torch's weights-only unpickler (%s)", path, e)
+        except _safe_unpickle.Refused as e:
+            raise UnsafeCheckpointError(
+                f"{path} holds {e}, which torch.save never writes: it is corrupt or crafted; "
+                "if you trust the whole file, pass trusted=True (this runs arbitrary pickled code)",
+                [],
+            ) from None
     entries: list[Any] = []
     if is_zip:  # the zip format lets us list every global up front, without unpickling
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))

@@ -9,6 +9,7 @@ every problem before anything changes; :meth:`RestorePlan.apply` then changes th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import keyword
 import logging
@@ -426,6 +427,22 @@ class RestoreStep:
         return KINDS.index(self.kind) if self.kind in KINDS else len(KINDS)
 
 
+@contextlib.contextmanager
+def _one_intraop_thread():
+    """Restore with one intra-op thread. torch splits every CPU ``copy_`` of 32 KiB or more over
+    its intra-op threads; copying from a memory-mapped file is bound by page faults and memory,
+    not by cores, and on a busy machine the hand-offs dominate: restoring a 75 MB model in place
+    took 0.4-1.0 s with 2 threads and 0.11 s with one (benchmarks/bench_checkpoint.py, notebook)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 @dataclass
 class RestorePlan:
     """Checked restore steps; :meth:`apply` changes the live objects."""
@@ -444,10 +461,11 @@ class RestorePlan:
         notes: list[str] = []
         undo: list[Callable[[], None]] = []
         try:
-            for step in sorted(self.steps, key=lambda s: s.order):
-                undo_step = self._apply_one(step)
-                if undo_step is not None:
-                    undo.append(undo_step)
+            with _one_intraop_thread():
+                for step in sorted(self.steps, key=lambda s: s.order):
+                    undo_step = self._apply_one(step)
+                    if undo_step is not None:
+                        undo.append(undo_step)
             if self.rng is not None:
                 notes += restore_rng(self.rng)
         except Exception:
