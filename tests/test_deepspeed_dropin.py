@@ -324,3 +324,26 @@ def test_moe_expert_files(ds_dist, tmp_path):
     step()
     manifest = _restores_params(engine, tmp_path / "ckpt", step)
     assert {"layer_0_expert_0_mp_rank_00_model_states.pt", "expp_rank_0_mp_rank_00_optim_states.pt"} <= set(manifest.files)
+
+
+def test_universal_checkpoint_conversion_and_load(ds_dist, tmp_path):
+    """DeepSpeed's offline converter reads our files; the universal checkpoint it writes (no
+    manifest) loads through our engine into an engine with other initial weights."""
+    root = tmp_path / "ckpt"
+    engine = make_engine(2, seed=0)
+    torchckpt.install(engine)
+    train(engine, 0, 2)
+    info = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # as Megatron-DeepSpeed records
+    engine.save_checkpoint(str(root), tag="t", client_state=info)
+    expected = train(engine, 2, 2)
+    convert = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / "t"),
+         "--output_folder", str(root / "t_universal"), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    universal = make_engine(2, seed=1, checkpoint={"load_universal": True})
+    torchckpt.install(universal)
+    with pytest.warns(torchckpt.UnverifiedLoadWarning, match="t_universal without a manifest"):
+        assert universal.load_checkpoint(str(root), tag="t_universal")[0] is not None
+    assert train(universal, 2, 2) == expected

@@ -117,6 +117,20 @@ def test_hostile_pickle_is_refused_and_nothing_runs(root, marker, payload, fmt):
     record("security", kind=f"hostile pickle ({fmt}, {payload})", refused=True, ran=False)
 
 
+@pytest.mark.parametrize("crafted", ["backward hooks", "numel past its record"])
+def test_what_torch_save_never_writes_is_refused_by_the_store(root, tmp_path, crafted):
+    """torch's weights-only unpickler loads these; torchckpt's loads refuse them, verified or not."""
+    from test_safe_load_differential import hostile_pickles, write_zip
+
+    data = write_zip(tmp_path / "crafted.pt", hostile_pickles(tmp_path / "m")[crafted]).read_bytes()
+    store = CheckpointStore(root)
+    _write_raw(store, "t", {"model.pt": data})
+    for kwargs in ({}, {"verify": False}, {"map_location": "cpu"}):
+        with pytest.raises(UnsafeCheckpointError, match="torch.save never writes"):
+            store.load("t", "model.pt", **kwargs)
+    record("security", kind=f"crafted tensor ({crafted})", refused=True, ran=False)
+
+
 def test_engine_and_inspect_never_run_a_hostile_pickle(root, marker):
     pytest.importorskip("deepspeed")
     from torchckpt import TorchCheckpointEngine

@@ -291,7 +291,7 @@ def test_into_binds_a_copy_and_leaves_the_live_object_alone():
     assert not torch.equal(model[0].weight, saved["0.weight"])
     plan_restore({"opt": ("optimizer", {"state": {}})}, ns, into="opt_sd").apply()
     assert ns["opt_sd"] == {"state": {}}
-    with pytest.raises(RestoreError, match="not a valid Python variable name"):
+    with pytest.raises(RestoreError, match="not a name a variable can have"):
         plan_restore({"model": ("module", saved)}, ns, into="1x")
 
 
@@ -329,3 +329,52 @@ def test_cuda_module_is_restored_in_place_from_cpu_state():
     saved = {k: (v + 1).cpu() for k, v in model.state_dict().items()}
     plan_restore({"model": ("module", saved)}, {"model": model}).apply()
     assert model[0].weight.device.type == "cuda" and torch.equal(model[0].weight.cpu(), saved["0.weight"])
+
+
+def test_discover_names_what_it_leaves_out_and_the_entry_that_stops_a_container():
+    import io
+
+    from torchckpt.state import discover, first_unsaveable
+
+    ns = {
+        "model": torch.nn.Linear(2, 2),
+        "cfg": {"lr": 0.1, "layers": [1, 2, {"act": lambda x: x}]},
+        "fh": io.BytesIO(),
+        "big": torch.zeros(1024),
+        "small": torch.zeros(2),
+        "many": list(range(20_000)),
+        "fn": lambda: 1,
+        "torch": torch,
+    }
+    found, skipped = discover(ns, max_bytes=1024)
+    assert list(found) == ["model", "small"]
+    assert skipped["cfg"] == "cfg['layers'][2]['act'] is a lambda"
+    assert skipped["fh"] == "an open file, which torchckpt cannot save"
+    assert skipped["big"].startswith("a tensor of 4.0 KiB, over the 1.0 KiB limit")
+    assert skipped["many"].startswith("a list of more than 10000 items")
+    assert "fn" not in skipped and "torch" not in skipped  # code, not state: left out without a word
+    assert first_unsaveable({1.5: 1}, "d") == ("d[1.5]", "a key of type float (keys must be str or int)")
+    assert first_unsaveable({"ok": [1, "a"]}, "d") is None
+    assert discover({"big": torch.zeros(1024)}, max_bytes=None)[0].keys() == {"big"}
+
+
+@pytest.mark.parametrize(("saved_kind", "saved", "live"), [
+    ("value", 42, torch.nn.Linear(2, 2)),
+    ("value", 42, torch.zeros(2)),
+    ("tensor", torch.zeros(2), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)),
+    ("ndarray", torch.zeros(2), torch.zeros(2)),
+    ("value", 1, lambda: 1),
+])
+def test_a_saved_value_never_replaces_a_live_object_of_another_kind(saved_kind, saved, live):
+    ns = {"x": live}
+    with pytest.raises(RestoreError, match=r"x: saved as .*, but 'x' is now .*into='x_saved'"):
+        plan_restore({"x": (saved_kind, saved)}, ns)
+    assert ns["x"] is live
+    plan_restore({"x": (saved_kind, saved)}, ns, into="x_saved").apply()
+    assert ns["x"] is live and "x_saved" in ns
+
+
+def test_a_saved_value_may_replace_a_plain_value_or_none():
+    ns = {"a": 1, "b": None, "c": [1, 2], "d": "text"}
+    plan_restore({"a": ("tensor", torch.ones(1)), "b": ("value", 2), "c": ("value", 3), "d": ("value", 4)}, ns).apply()
+    assert torch.equal(ns["a"], torch.ones(1)) and ns["b"] == 2 and ns["c"] == 3 and ns["d"] == 4

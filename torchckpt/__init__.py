@@ -120,7 +120,13 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    try:
+        imported = importlib.import_module(f".{module}", __name__)
+    except ModuleNotFoundError as e:
+        from ._extras import missing
+
+        raise (missing(e, f"torchckpt.{name}") or e) from e
+    value = getattr(imported, name)
     globals()[name] = value
     return value
 

@@ -23,7 +23,8 @@ COLUMNS: tuple[str, ...] = ("tag", "created", "size", "step", "metrics", "note",
 #: What each status means; the CLI's ``ls --help`` and the docs show this.
 STATUS_MEANINGS: dict[str, str] = {
     "committed": "complete: the manifest lists every file with its checksum",
-    "incomplete": "no manifest: never committed (crashed or aborted save); gc removes it",
+    "incomplete": "no manifest: never committed (crashed or aborted save); gc removes it when torchckpt wrote it "
+                  "(a directory another tool wrote is kept)",
     "writing": "a process is writing it now; gc and rm leave it alone",
     "unreadable": "the manifest exists but cannot be read; see `torchckpt info`",
     "deepspeed": "written by DeepSpeed's own engine (no manifest); inspect it, `torchckpt adopt` it",
@@ -123,13 +124,26 @@ def record(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
+def width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: wide (CJK) characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def pad(text: str, columns: int) -> str:
+    """``text`` padded with spaces to ``columns`` terminal columns (``str.ljust`` counts characters)."""
+    return text + " " * max(0, columns - width(text))
+
+
 def render_table(rows: Iterable[Mapping[str, str]], columns: Sequence[str] = COLUMNS) -> str:
-    """Left-aligned plain-text columns under a header line."""
+    """Left-aligned plain-text columns under a header line (aligned by display width)."""
     rows = list(rows)
     shown = list(columns)
-    widths = {c: max([len(c), *(len(r.get(c, "")) for r in rows)]) for c in shown}
-    lines = ["  ".join(c.ljust(widths[c]) for c in shown).rstrip()]
-    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in shown).rstrip() for r in rows]
+    widths = {c: max([width(c), *(width(r.get(c, "")) for r in rows)]) for c in shown}
+    lines = ["  ".join(pad(c, widths[c]) for c in shown).rstrip()]
+    lines += ["  ".join(pad(r.get(c, ""), widths[c]) for c in shown).rstrip() for r in rows]
     return "\n".join(lines)
 
 

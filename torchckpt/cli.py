@@ -91,6 +91,8 @@ def _echo(*parts: Any, sep: str = " ") -> None:
 def _tag(store, tag: str | None) -> str:
     """``latest`` as the store resolves it; on a root with no committed tag, the one DeepSpeed's
     own ``latest`` file names (its engine writes no manifest)."""
+    if tag is not None and not tag.strip():
+        raise InvalidTagError(f"tag {tag!r} is empty; give a tag (torchckpt ls {store.root} lists them) or 'latest'")
     if tag in (None, "latest") and not store.tags(committed_only=True):
         from .interop import deepspeed_latest
 
@@ -185,7 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         meta = dict(m.metadata)
         for key in ("step", "metrics", "note"):
             value = meta.pop(key, None)
-            if value is not None:
+            if value not in (None, {}, ""):
                 lines.append(f"{key + ':':<11} {_format.format_metrics(value) if key == 'metrics' else value}")
         if meta:
             lines.append(f"metadata:   {json.dumps(meta, sort_keys=True, default=str)}")
@@ -375,7 +377,13 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         raise CliError("give the TAG to adopt, or --all for every checkpoint DeepSpeed's own engine wrote")
     tags = adoptable(store) if args.all else [_tag(store, args.tag)]
     if args.all and not tags:
-        _echo(f"nothing to adopt in {store.root}: every checkpoint has a manifest")
+        without = [i.tag for i in store.list() if not i.committed and not i.in_flight]
+        if without:
+            _echo(f"nothing to adopt in {store.root}: no tag was written by DeepSpeed's own engine; "
+                  f"{', '.join(without)} {'has' if len(without) == 1 else 'have'} no manifest for another reason "
+                  "(see torchckpt ls and info)")
+        else:
+            _echo(f"nothing to adopt in {store.root}: every checkpoint has a manifest")
     for tag in tags:
         manifest = adopt(store, tag, allow=args.allow, trusted=args.trusted, note=args.note)
         step = manifest.metadata.get("step")
@@ -425,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("diff", cmd_diff, "compare two checkpoints (as %%ckpt diff)",
-                "Compare two committed tags, as %%ckpt diff: objects and keys added or removed, shape and dtype\n"
+                "Compare two committed tags, as %ckpt diff: objects and keys added or removed, shape and dtype\n"
                 "changes, the largest |B - A| of every tensor, changed values and metadata. Exit status 1 when\n"
                 "anything but the metadata (step, metrics, note, versions) differs.")  # fmt: skip
     p.add_argument("a", metavar="A", help="the first tag (or 'latest')")
@@ -456,12 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-incomplete", action="store_true", help="export from a tag without a manifest (unverified)")
 
     p = sub.add_parser("import", help="commit a .safetensors file as a new checkpoint",
-                       description="Commit a safetensors file as TAG/<key>.pt (a state dict), with a manifest.")  # fmt: skip
+                       description="Commit a safetensors file as TAG/objects/<key>.pt (a state dict, as a notebook "
+                                   "saves a module), with a manifest.")  # fmt: skip
     p.set_defaults(func=cmd_import)
     p.add_argument("root", metavar="ROOT", help="the checkpoint root directory (created if missing)")
     p.add_argument("tag", metavar="TAG", help="the new tag")
     p.add_argument("file", metavar="IN.safetensors", help="the file to import")
-    p.add_argument("--key", default="model", help="the object's name: the file is <key>.pt (default: model)")
+    p.add_argument("--key", default="model", help="the object's name: the file is objects/<key>.pt (default: model)")
     p.add_argument("--note", help="the checkpoint's note")
     p.add_argument("--no-latest", action="store_true", help="do not point `latest` at the new tag")
 
@@ -554,7 +563,9 @@ def _fail(args: argparse.Namespace, error: BaseException | str, code: int) -> in
         import traceback
 
         traceback.print_exception(error)
-    sys.stderr.write(f"torchckpt: error: {_one_line(error)}\n")
+    from .errors import in_dialect
+
+    sys.stderr.write(f"torchckpt: error: {in_dialect(_one_line(error), 'cli')}\n")
     return code
 
 

@@ -12,6 +12,14 @@ class TorchckptError(Exception):
     """Base class of every error torchckpt raises on purpose."""
 
 
+class MissingExtraError(TorchckptError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` to run."""
+
+
+class InvalidArgumentError(TorchckptError, ValueError):
+    """An option's value cannot be used (a ``map_location`` that is not a device...)."""
+
+
 class InvalidTagError(TorchckptError, ValueError):
     """A tag is not one safe path component."""
 
@@ -33,6 +41,10 @@ class IncompleteCheckpointError(TorchckptError, RuntimeError):
 
 class CorruptCheckpointError(TorchckptError, RuntimeError):
     """A file of a committed checkpoint does not match its manifest."""
+
+
+class NotTorchFileError(TorchckptError, ValueError):
+    """A file is not a torch.save file (zip or legacy) nor safetensors: random bytes, another format."""
 
 
 class ManifestError(TorchckptError, ValueError):
@@ -84,3 +96,72 @@ class ObjectNotFoundError(TorchckptError, KeyError):
 
 class RestoreError(TorchckptError, ValueError):
     """Saved state does not fit the live objects; nothing was changed."""
+
+
+# -- one message, said in the dialect of the surface that shows it ---------------------------------
+#: The fixes messages suggest, as Python keyword arguments (how the API spells them), with how
+#: ``%ckpt`` (and the panel, which shows the magic's words) and the ``torchckpt`` command spell
+#: them. None: that surface has no such option, so the message points at the Python API.
+_FIXES: tuple[tuple[str, str | None, str | None], ...] = (
+    # (pattern in the Python message, %ckpt spelling, CLI spelling); \1 is the pattern's value
+    (r"allow_latest=True \(or --force\)", "--force", "--force"),
+    (r"allow_latest=True", "--force", "--force"),
+    (r"verify=False, allow_incomplete=True", None, "--allow-incomplete"),
+    (r"verify=False", "--no-verify", None),
+    (r"allow_incomplete=True", None, "--allow-incomplete"),
+    (r"strict=False", "--no-strict", None),
+    (r"trusted=True", "--trusted", "--trusted"),
+    (r"overwrite=True", "--overwrite", None),
+    (r"rng=True", "--rng", None),
+    (r"rng=False", "--no-rng", None),
+    (r"allow=\[([^\]]*)\]", "--allow \\1", "--allow \\1"),
+    (r"map_location=('[^']*'|\S+)", "--map-location \\1", None),
+    (r"into=('[^']*')", "--into \\1", None),
+    (r"into=", "--into", None),
+)
+SURFACES = ("python", "magic", "cli")
+
+
+def in_dialect(message: str, surface: str) -> str:
+    """``message`` (written with Python keyword arguments) as ``surface`` would say it.
+
+    ``"python"`` leaves it as is; ``"magic"`` names ``%ckpt``'s flags (``--no-strict``), ``"cli"``
+    the ``torchckpt`` command's options (``--allow-incomplete``). A fix the surface has no option
+    for is named as the Python keyword, marked ``(Python API)``.
+    """
+    import re
+
+    if surface not in SURFACES:
+        raise ValueError(f"surface {surface!r} is not one of {', '.join(SURFACES)}")
+    if surface == "python":
+        return re.sub(r"allow_latest=True \(or --force\)", "allow_latest=True", message)
+    column = 1 if surface == "magic" else 2
+    pattern = "|".join(f"(?:{p})" for p, _, _ in _FIXES)
+
+    def spell(m: re.Match) -> str:
+        text = m.group(0)
+        for entry in _FIXES:
+            one = re.fullmatch(entry[0], text)
+            if one is None:
+                continue
+            flag = entry[column]
+            if flag is None:
+                return f"{text} (Python API)"
+            value = one.group(1) if one.groups() else ""
+            if "\\1" in flag:
+                if entry[0].startswith("allow="):  # allow=['a.B', 'c.D'] -> --allow a.B --allow c.D
+                    names = [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+                    return " ".join(f"--allow {n}" for n in names)
+                return flag.replace("\\1", value.strip("'") if " " not in value.strip("'") else value)
+            return flag
+        return text
+
+    return re.sub(pattern, spell, message)
+
+
+def hint_options(error: BaseException) -> list[str]:
+    """The Python keyword arguments an error's message suggests (``["strict=False"]``): its fix, as data."""
+    import re
+
+    pattern = "|".join(f"(?:{p})" for p, _, _ in _FIXES)
+    return [m.group(0).split(" (")[0] for m in re.finditer(pattern, str(error))]

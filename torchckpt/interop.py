@@ -356,9 +356,12 @@ def export_safetensors(
     Raises:
         ExportError: no such weights, no tensors, or ZeRO-3 partitioned weights.
     """
+    out = Path(out)
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise ExportError(f"{out.parent} {what}; create it first (nothing was written)")
     tag = store.resolve(tag, allow_incomplete=allow_incomplete)
     rel, inner = find_weights(store, tag, key)
-    out = Path(out)
     if rel.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -400,10 +403,10 @@ def _verify_one(store: CheckpointStore, tag: str, rel: str) -> None:
 def _save_safetensors_atomic(tensors: dict[str, Any], out: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(out)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # a file to share: the mode any other tool would give it
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -415,6 +418,17 @@ def _save_safetensors_atomic(tensors: dict[str, Any], out: Path, metadata: dict[
             os.unlink(tmp)
         raise
     fsync_dir(out.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def import_safetensors(

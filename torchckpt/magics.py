@@ -11,24 +11,144 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
-from traitlets import Bool, CaselessStrEnum, Unicode
+from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
+from traitlets import Bool, CaselessStrEnum, Float, Unicode
 from traitlets.config import Configurable
 
 from . import _format
-from .errors import TorchckptError
+from .errors import TorchckptError, in_dialect
 
 #: The subcommands, in the order ``%ckpt?`` lists them.
 SUBCOMMANDS = ("save", "commit", "load", "ls", "info", "diff", "verify", "rm", "gc", "dir", "ui")
 #: Subcommands whose positional arguments are tags (completion offers tag names).
 _TAG_COMMANDS = frozenset({"commit", "load", "info", "diff", "verify", "rm"})
+
+
+#: Longer %ckpt lines are refused before parsing: the metadata they could set is at most 1 MiB.
+_MAX_LINE = (1 << 20) + 4096
+
+
+def split_line(line: str) -> list[str]:
+    """``shlex.split(line)`` (POSIX rules) in linear time: shlex grows each token one character
+    at a time, which is quadratic in a long quoted note.
+
+    Raises:
+        ValueError: ``No closing quotation`` / ``No escaped character``, as shlex.
+    """
+    words: list[str] = []
+    word: list[str] = []
+    in_word = False
+    i, n = 0, len(line)
+    while i < n:
+        ch = line[i]
+        if ch.isspace():
+            if in_word:
+                words.append("".join(word))
+                word, in_word = [], False
+            i += 1
+            continue
+        in_word = True
+        if ch == "'":
+            end = line.find("'", i + 1)
+            if end < 0:
+                raise ValueError("No closing quotation")
+            word.append(line[i + 1:end])
+            i = end + 1
+        elif ch == '"':
+            i += 1
+            while True:
+                if i >= n:
+                    raise ValueError("No closing quotation")
+                j = i
+                while j < n and line[j] not in '"\\':
+                    j += 1
+                word.append(line[i:j])
+                if j >= n:
+                    raise ValueError("No closing quotation")
+                if line[j] == '"':
+                    i = j + 1
+                    break
+                # inside double quotes a backslash escapes only " and itself (as shlex); else it stays
+                if j + 1 >= n:
+                    raise ValueError("No escaped character")
+                if line[j + 1] in '"\\':
+                    word.append(line[j + 1])
+                    i = j + 2
+                else:
+                    word.append("\\")
+                    i = j + 1
+        elif ch == "\\":
+            if i + 1 >= n:
+                raise ValueError("No escaped character")
+            word.append(line[i + 1])
+            i += 2
+        else:
+            j = i
+            while j < n and not line[j].isspace() and line[j] not in "'\"\\":
+                j += 1
+            word.append(line[i:j])
+            i = j
+    if in_word:
+        words.append("".join(word))
+    return words
+
+
+def _dollars_to_fields(line: str) -> str:
+    """``$name`` (``$name.attr``) as ``{name}``, ``$$`` as ``$``, other braces escaped: IPython's
+    ``$`` rule (not inside single quotes), in one pass instead of its quadratic pattern."""
+    import re
+    import string
+
+    out = []
+    for literal, field, spec, conv in string.Formatter().parse(line):
+        quotes_after = literal.count("'")
+        i, n = 0, len(literal)
+        while i < n:
+            ch = literal[i]
+            if ch == "'":
+                quotes_after -= 1
+            if ch == "$" and quotes_after % 2 == 0:
+                m = re.compile(r"\$?[\w.]+").match(literal, i + 1)
+                if m:
+                    word = m.group(0)
+                    out.append(word if word.startswith("$") else "{" + word + "}")
+                    quotes_after -= word.count("'")
+                    i = m.end()
+                    continue
+            out.append("{{" if ch == "{" else "}}" if ch == "}" else ch)
+            i += 1
+        if field is not None:
+            out.append("{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}")
+    return "".join(out)
+
+
+def _expand(shell, line: str) -> str:
+    """``{expr}`` and ``$name`` in the line, from the caller's variables, as IPython expands magics'
+    lines, but in linear time (IPython's ``$`` pattern is quadratic in the line's length)."""
+    if "{" not in line and "$" not in line:
+        return line
+    from IPython.utils.text import FullEvalFormatter
+
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "run_line_magic":
+        frame = frame.f_back
+    ns = dict(shell.user_ns)
+    if frame is not None and frame.f_back is not None:
+        ns.update(frame.f_back.f_locals)
+    try:
+        return FullEvalFormatter().vformat(_dollars_to_fields(line) if "$" in line else line, args=[], kwargs=ns)
+    except Exception:  # noqa: BLE001 - as IPython: a line that does not expand is passed as typed
+        return line
+
+
+def _one_line(error: BaseException | str) -> str:
+    return " ".join(str(error).split())
 
 
 class _Help(Exception):
@@ -70,7 +190,8 @@ def _build_parsers() -> dict[str, _Parser]:
         p[name] = parser
         return parser
 
-    s = new("save", "Save objects of the notebook (default: every checkpointable one) and the RNG states.")
+    s = new("save", "Save objects of the notebook (default: every checkpointable one, leaving out data sets above "
+                    "CkptMagics.auto_max_mb and what cannot be saved, with a note) and the RNG states.")
     s.add_argument("tag", nargs="?", help="tag (default: step-<step>, or ckpt-<date>-<time> when no step is known)")
     s.add_argument("names", nargs="*", help="variables to save (default: every checkpointable one)")
     s.add_argument("--async", dest="async_save", action="store_true",
@@ -79,7 +200,8 @@ def _build_parsers() -> dict[str, _Parser]:
     s.add_argument("--note", help="a note stored with the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing committed checkpoint of this tag")
     s.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[], metavar="K=V",
-                   help="metrics stored with the checkpoint, e.g. --metric loss=0.12 acc=0.9")
+                   help="metrics stored with the checkpoint, e.g. --metric loss=0.12 acc=0.9 (a value that is not a "
+                        "number is kept as text, and the result says so)")
     s.add_argument("--step", type=int, help="the training step (default: the variable `global_step` or `step`)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: for large saves)")
@@ -90,14 +212,19 @@ def _build_parsers() -> dict[str, _Parser]:
 
     ld = new("load", "Restore saved objects into the live ones, in place; all are checked before any changes.")
     ld.add_argument("tag", nargs="?", default="latest", help="tag or 'latest' (default)")
-    ld.add_argument("names", nargs="*", help="objects to restore (default: all, and the RNG states)")
+    ld.add_argument("names", nargs="*", help="objects to restore (default: all)")
     ld.add_argument("--map-location", default=None, metavar="DEV",
                     help="cpu, cuda, cuda:N or auto (default: where the tensors were saved)")
     ld.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                     help="missing/unexpected keys and dtype changes are errors (default) or notes")
     ld.add_argument("--into", metavar="VAR", help="load the one named object into a new variable instead")
     ld.add_argument("--rng", action=argparse.BooleanOptionalAction, default=None,
-                    help="restore the RNG states (default: when loading every object)")
+                    help="restore the RNG states (default: yes when loading in place; --into never does)")
+    ld.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="check each file against the manifest's checksum (default; --no-verify reads a damaged "
+                         "checkpoint anyway)")
+    ld.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
+                    help="a global safe loading may allow (repeatable)")
     ld.add_argument("--trusted", action="store_true",
                     help="load with weights_only=False (runs pickled code: only for files you trust)")
     ld.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -157,6 +284,9 @@ class CkptMagics(Magics, Configurable):
         ["auto", "always", "never"], default_value="auto", help="progress bars for saves and loads"
     ).tag(config=True)
     quiet = Bool(False, help="show one-line results by default (as -q)").tag(config=True)
+    auto_max_mb = Float(
+        512.0, help="%ckpt save with no names leaves out tensors and arrays larger than this many MiB (with a note)"
+    ).tag(config=True)
     report_async = Bool(True, help="after each cell, report async saves that finished").tag(config=True)
 
     def __init__(self, shell=None, **kwargs: Any):
@@ -180,6 +310,7 @@ class CkptMagics(Magics, Configurable):
             from .notebook import Checkpointer  # imports torch: only on first use
 
             ckpt = self._checkpointers[root] = Checkpointer(root)
+        ckpt.auto_max_bytes = int(self.auto_max_mb * (1 << 20)) if self.auto_max_mb >= 0 else None
         return ckpt
 
     def _namespace(self) -> dict[str, Any]:
@@ -194,9 +325,14 @@ class CkptMagics(Magics, Configurable):
 
     # -- the magic -------------------------------------------------------------------------------
     @line_magic
+    @no_var_expand  # IPython's own expansion is quadratic in the line's length; see _expand
     def ckpt(self, line: str = ""):
+        if len(line) > _MAX_LINE:
+            raise UsageError(f"%ckpt: the line is {len(line)} characters long; at most {_MAX_LINE} are accepted "
+                             "(a checkpoint's metadata, note included, holds at most 1 MiB)")
+        line = _expand(self.shell, line)
         try:
-            args = shlex.split(line, posix=True)
+            args = split_line(line)
         except ValueError as e:
             raise UsageError(f"%ckpt {line}: {e} (quote values that contain spaces)") from None
         if not args:
@@ -222,7 +358,10 @@ class CkptMagics(Magics, Configurable):
         except UsageError:
             raise
         except TorchckptError as e:
-            raise UsageError(str(e)) from e
+            raise UsageError(in_dialect(_one_line(e), "magic")) from e
+        except OSError as e:  # the root or a file: one line, with the path
+            detail = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+            raise UsageError(f"%ckpt {sub}: {detail}; check the checkpoint root (%ckpt dir) and its permissions") from e
         if result is not None and hasattr(result, "quiet"):
             result.quiet = ns.quiet or self.quiet
         return result
@@ -244,11 +383,13 @@ class CkptMagics(Magics, Configurable):
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise UsageError(f"no variable {missing[0]!r} in the notebook{hint}")
             objects = {n: namespace[n] for n in a.names}
+            left_out: dict[str, str] = {}
         else:
-            objects = self.checkpointer.checkpointable(namespace)
+            objects, left_out = self.checkpointer.discover(namespace)
             if not objects:
+                why = f" ({'; '.join(f'{n}: {w}' for n, w in left_out.items())})" if left_out else ""
                 raise UsageError("nothing to save: the notebook has no modules, optimizers, tensors or other "
-                                 "checkpointable objects yet")
+                                 f"checkpointable objects yet{why}")
         try:
             metrics = parse_metrics(a.metrics)
         except ValueError as e:
@@ -256,17 +397,27 @@ class CkptMagics(Magics, Configurable):
         step = a.step if a.step is not None else infer_step(namespace)
         return self.checkpointer.save(
             a.tag, objects, async_save=a.async_save, commit=a.commit, note=a.note, metrics=metrics,
-            step=step, progress=self._progress(a.progress), overwrite=a.overwrite,
+            step=step, progress=self._progress(a.progress), overwrite=a.overwrite, left_out=left_out,
         )
 
     def _do_commit(self, a: argparse.Namespace):
         return self.checkpointer.commit(a.tag, note=a.note)
 
     def _do_load(self, a: argparse.Namespace):
-        return self.checkpointer.load(
-            a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
-            into=a.into, rng=a.rng, trusted=a.trusted, progress=self._progress(a.progress),
-        )
+        try:
+            return self.checkpointer.load(
+                a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
+                into=a.into, rng=a.rng, allow=a.allow, trusted=a.trusted, progress=self._progress(a.progress),
+                verify=a.verify,
+            )
+        except (TorchckptError, OSError):
+            raise
+        except Exception as e:
+            if not a.trusted:
+                raise
+            # Unpickling with --trusted runs whatever the file holds; any failure is the file's.
+            raise UsageError(f"%ckpt load --trusted: a file could not be unpickled ({type(e).__name__}: "
+                             f"{_one_line(e)}); it is not a torch.save file, or it is damaged") from e
 
     def _do_ls(self, a: argparse.Namespace):
         return self.checkpointer.list()
@@ -296,10 +447,11 @@ class CkptMagics(Magics, Configurable):
 
     def _do_dir(self, a: argparse.Namespace):
         if a.path is not None:
-            path = Path(a.path).expanduser()
-            if path.exists() and not path.is_dir():
-                raise UsageError(f"{path} exists and is not a directory; choose a directory for checkpoints")
-            self.root = str(path.absolute())
+            path = Path(a.path).expanduser().absolute()
+            problem = root_problem(path)
+            if problem:
+                raise UsageError(f"%ckpt dir {a.path}: {problem}; the root is unchanged ({self.resolved_root()})")
+            self.root = str(path)
         return self.resolved_root()
 
     def _do_ui(self, a: argparse.Namespace):
@@ -307,6 +459,9 @@ class CkptMagics(Magics, Configurable):
             print("The checkpoint panel is not part of this torchckpt version yet; "
                   "use %ckpt ls, save, load, diff and rm meanwhile.")
             return None
+        if not _shows_widgets(self.shell):
+            raise UsageError("%ckpt ui shows a widget panel, which needs a Jupyter notebook or JupyterLab (this is "
+                             f"{type(self.shell).__name__}, a terminal); here use %ckpt ls, save, load, diff and rm")
         from IPython.display import display
 
         from .panel import CheckpointPanel
@@ -329,9 +484,16 @@ class CkptMagics(Magics, Configurable):
                     print(f"torchckpt: async save {outcome.tag!r} committed")
 
     def complete(self, shell, event) -> list[str]:
-        """Completions for ``%ckpt``: subcommands, options, tags and variable names."""
+        """Completions for ``%ckpt``: subcommands, options, tags, variable names and devices.
+
+        Never an empty list: IPython would then offer its own completions (Python keywords,
+        magics, file names), none of which fits here; with nothing to offer, the word as typed.
+        """
+        return self._completions(event) or [_last_word(event.text_until_cursor)]
+
+    def _completions(self, event) -> list[str]:
         try:
-            words = shlex.split(event.text_until_cursor)
+            words = split_line(event.text_until_cursor)
         except ValueError:
             words = event.text_until_cursor.split()
         if event.text_until_cursor.endswith((" ", "\t")):
@@ -343,6 +505,14 @@ class CkptMagics(Magics, Configurable):
         parser = _PARSERS.get(sub)
         if parser is None:
             return []
+        previous = words[-2] if len(words) >= 2 else ""
+        takes_value = {o for a in parser._actions if a.nargs != 0 and a.option_strings for o in a.option_strings}
+        if previous == "--map-location":
+            from ._devices import valid_locations
+
+            return [d for d in valid_locations() if d.startswith(current)]
+        if previous in takes_value:
+            return []  # a value the user types (--note, --into, --metric, --step...)
         if current.startswith("-"):
             return sorted(o for a in parser._actions for o in a.option_strings if o.startswith(current))
         out: list[str] = []
@@ -366,6 +536,40 @@ class CkptMagics(Magics, Configurable):
             except Exception as e:  # noqa: BLE001 - report every checkpointer's failure
                 print(f"torchckpt: {e}", file=sys.stderr)
         self._checkpointers.clear()
+
+
+def _last_word(text: str) -> str:
+    return "" if not text or text[-1].isspace() else text.split()[-1]
+
+
+def _shows_widgets(shell) -> bool:
+    """Whether the shell runs in a Jupyter kernel, whose front end can display widgets."""
+    return getattr(shell, "kernel", None) is not None
+
+
+def root_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint root (None: it can). Nothing on disk is changed.
+
+    The nearest existing directory must accept a new directory: tried by making and removing
+    one, which also refuses pseudo file systems (/proc) and read-only mounts.
+    """
+    import tempfile
+
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a directory"
+        probe = path
+    else:
+        probe = path.parent
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is a file, so {path} cannot be made under it"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".torchckpt-probe-", dir=probe))
+    except OSError as e:
+        return f"cannot create directories in {probe} ({e.strerror or e})"
+    return None
 
 
 def _notebook_dir(shell) -> Path:

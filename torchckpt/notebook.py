@@ -97,6 +97,10 @@ class SaveResult(_Result):
     metrics: dict[str, Any] = field(default_factory=dict)
     replaced: bool = False
     error: BaseException | None = None
+    #: What the save left out or changed, and why (objects skipped by a save with no names...).
+    notes: list[str] = field(default_factory=list)
+    #: The checkpoint's size as ``ls`` shows it: every file of the tag (objects, RNG states...).
+    checkpoint_size: int | None = None
     quiet: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -114,7 +118,8 @@ class SaveResult(_Result):
 
     def __repr__(self) -> str:
         names = ", ".join(self.names)
-        return f"<SaveResult {self.tag!r} {self.status}: {names}>"
+        notes = f" ({len(self.notes)} note{'s' if len(self.notes) != 1 else ''}: see .notes)" if self.notes else ""
+        return f"<SaveResult {self.tag!r} {self.status}: {names}{notes}>"
 
     def _headline(self) -> str:
         what = {
@@ -125,7 +130,9 @@ class SaveResult(_Result):
             "failed": f"FAILED: {self.error}",
         }[self.status]
         extra = [f"step {self.step}"] if self.step is not None else []
-        if self.size is not None:
+        if self.checkpoint_size is not None:
+            extra.append(_render.size(self.checkpoint_size))
+        elif self.size is not None:
             extra.append(_render.size(self.size))
         if self.seconds:
             extra.append(_render.duration(self.seconds))
@@ -138,10 +145,12 @@ class SaveResult(_Result):
                 for o in self.objects]
 
     def to_html(self) -> str:
-        return _render.html_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
+        return _render.html_table(["object", "kind", "type", "size"], self._rows(), title=self._headline()) + (
+            _render.html_lines([f"note: {n}" for n in self.notes]))
 
     def to_text(self) -> str:
-        return _render.text_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
+        text = _render.text_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
 
 
 @dataclass
@@ -166,6 +175,10 @@ class LoadResult(_Result):
     seconds: float
     size: int
     notes: list[str] = field(default_factory=list)
+    #: Why the RNG states were (not) restored, for the headline.
+    rng_reason: str = ""
+    #: The whole checkpoint's size (``size`` is what this load read of it).
+    checkpoint_size: int | None = None
     quiet: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -176,8 +189,12 @@ class LoadResult(_Result):
         return f"<LoadResult {self.tag!r}: {', '.join(self.names)}{' + rng' if self.rng else ''}>"
 
     def _headline(self) -> str:
-        rng = ", RNG restored" if self.rng else ""
-        return f"{self.tag}: loaded ({_render.size(self.size)}, {_render.duration(self.seconds)}{rng})"
+        rng = "RNG states restored" if self.rng else "RNG states left as they were"
+        rng += f" ({self.rng_reason})" if self.rng_reason else ""
+        read = _render.size(self.size)
+        if self.checkpoint_size is not None and self.checkpoint_size != self.size:
+            read = f"read {read} of {_render.size(self.checkpoint_size)}"
+        return f"{self.tag}: loaded ({read}, {_render.duration(self.seconds)}); {rng}"
 
     def _rows(self) -> list[list[str]]:
         how = {"restored": "restored in place", "assigned": "assigned", "into": "loaded into"}
@@ -396,6 +413,8 @@ class Checkpointer:
         root: the checkpoint root (created on first save).
         progress_min_bytes: with ``progress=None``, saves and loads at least this large show
             a progress bar.
+        auto_max_bytes: :meth:`discover` leaves out tensors and arrays larger than this (None:
+            no limit); named objects are saved whatever their size.
 
     Example:
         >>> ckpt = Checkpointer("checkpoints")
@@ -404,9 +423,11 @@ class Checkpointer:
         >>> ckpt.diff("warmup", "latest")
     """
 
-    def __init__(self, root: str | os.PathLike, *, progress_min_bytes: int = PROGRESS_MIN_BYTES):
+    def __init__(self, root: str | os.PathLike, *, progress_min_bytes: int = PROGRESS_MIN_BYTES,
+                 auto_max_bytes: int | None = state.MAX_AUTO_BYTES):
         self.store = CheckpointStore(root)
         self.progress_min_bytes = progress_min_bytes
+        self.auto_max_bytes = auto_max_bytes
         self._pending: dict[str, _Pending] = {}
         self._finished: list[SaveResult] = []
         self._failed: dict[str, SaveResult] = {}
@@ -428,8 +449,14 @@ class Checkpointer:
 
     # -- discovery ---------------------------------------------------------------------------
     def checkpointable(self, namespace: Mapping[str, Any]) -> dict[str, Any]:
-        """The objects a save with no names includes: see :func:`torchckpt.state.checkpointable`."""
-        return state.checkpointable(namespace)
+        """The objects a save with no names includes: see :func:`torchckpt.state.discover`."""
+        return self.discover(namespace)[0]
+
+    def discover(self, namespace: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """``(objects, left_out)``: what a save with no names includes, and name -> why each other
+        object was left out (see :func:`torchckpt.state.discover`). Pass ``left_out`` to
+        :meth:`save` so that its result says so."""
+        return state.discover(namespace, max_bytes=self.auto_max_bytes)
 
     def kinds(self, objects: Mapping[str, Any]) -> dict[str, str]:
         """name -> kind for each object; raises NotCheckpointableError for the first that is not."""
@@ -458,6 +485,7 @@ class Checkpointer:
         step: int | None = None,
         progress: bool | Callable[[int, int], None] | None = None,
         overwrite: bool = False,
+        left_out: Mapping[str, str] | None = None,
     ) -> SaveResult:
         """Save ``objects`` (name -> live object) as ``tag``, with the RNG states.
 
@@ -472,6 +500,8 @@ class Checkpointer:
             note, metrics, step: recorded in the manifest's metadata.
             progress: True/False for a progress bar, None for one when the save is large, or a
                 callable ``(done_bytes, total_bytes)``.
+            left_out: name -> reason for objects the caller chose not to save (from
+                :meth:`discover`); the result's notes list them.
 
         Returns:
             A :class:`SaveResult`; for async saves its status is ``committing`` or ``writing``
@@ -535,8 +565,11 @@ class Checkpointer:
             raise
         bar.close()
         saved = [SavedObject(n, k, state.type_name(objects[n]), files.get(n)) for n, k in kinds.items()]
+        notes = [f"left out {name}: {why}" for name, why in (left_out or {}).items()]
+        notes += [f"metric {k}={v!r} is text, not a number; kept as text (numbers look like {k}=0.12)"
+                  for k, v in metrics.items() if isinstance(v, str)]
         result = SaveResult(tag, self.root, saved, "uncommitted", async_save=async_save, step=step, note=note,
-                            metrics=metrics, replaced=replaced)
+                            metrics=metrics, replaced=replaced, notes=notes)
         pending = _Pending(tx, metadata, result, started)
         if commit and not async_save:
             return self._commit_now(pending)
@@ -557,8 +590,8 @@ class Checkpointer:
             info = self.store.info(tag)
             if info.committed or info.problem:
                 raise TagExistsError(
-                    f"checkpoint {tag!r} already exists in {self.root}; choose another tag, or pass "
-                    "overwrite=True (%ckpt save --overwrite) to replace it"
+                    f"checkpoint {tag!r} already exists in {self.root}; choose another tag, or save with "
+                    "overwrite=True to replace it"
                 )
         with self._lock:
             old = self._pending.pop(tag, None)
@@ -611,6 +644,8 @@ class Checkpointer:
 
     def _fill_sizes(self, result: SaveResult, manifest: Any) -> None:
         result.objects = [replace(o) for o in result.objects]
+        if manifest is not None:
+            result.checkpoint_size = manifest.size
         for obj in result.objects:
             if obj.file is None:
                 continue
@@ -715,6 +750,7 @@ class Checkpointer:
         rng: bool | None = None,
         allow: Iterable[Any] = (),
         trusted: bool = False,
+        verify: bool = True,
     ) -> LoadResult:
         """Restore saved objects into ``namespace``: all checked first, then all applied.
 
@@ -728,8 +764,11 @@ class Checkpointer:
             into: restore the single named object into this new variable instead (a module is
                 deep-copied from the live one; anything else is the saved state itself).
             progress: as for :meth:`save`.
-            rng: restore the RNG states (default: when every object is restored).
+            rng: restore the RNG states (default: yes, unless ``into`` is given; ``into`` never
+                restores them). The result says which happened.
             allow, trusted: for states holding other classes, as :func:`torchckpt.serialization.load`.
+            verify: check each file read against the manifest's size and checksum (False: read
+                a damaged checkpoint anyway, at your risk).
 
         Raises:
             TagNotFoundError, IncompleteCheckpointError: no such committed tag.
@@ -739,6 +778,12 @@ class Checkpointer:
             In every case no live object has been changed.
         """
         self._check_open()
+        from ._devices import check_map_location
+
+        check_map_location(map_location)
+        if into is not None and rng:
+            raise RestoreError("rng=True with into=: loading into a new variable never changes the RNG states; "
+                               "load in place to restore them")
         started = time.perf_counter()
         if tag is not None and tag != "latest":
             with self._lock:
@@ -763,7 +808,15 @@ class Checkpointer:
                 )
         # Tags made by `torchckpt import` (or other tools) carry no RNG states: nothing to restore.
         has_rng = bool(info.metadata.get("rng"))
-        restore_rng = (names is None and into is None and has_rng) if rng is None else rng
+        restore_rng = has_rng and into is None and rng is not False
+        if into is not None:
+            rng_reason = "loading into a new variable never changes them"
+        elif not has_rng:
+            rng_reason = "the checkpoint has none"
+        elif rng is False:
+            rng_reason = "not asked for"
+        else:
+            rng_reason = ""
         sizes = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
         files = [saved[n].get("file") for n in wanted if saved[n].get("file")]
         if restore_rng:
@@ -778,7 +831,8 @@ class Checkpointer:
                     raise RestoreError(f"{name}: unknown kind {kind!r} in the manifest of {tag!r}")
                 payload = None
                 if file:
-                    payload = self.store.load(tag, file, map_location=map_location, allow=allow, trusted=trusted)
+                    payload = self.store.load(tag, file, map_location=map_location, allow=allow, trusted=trusted,
+                                              verify=verify)
                     if kind == "ndarray":
                         payload = payload.cpu()
                     bar.advance(sizes.get(file, 0))
@@ -786,7 +840,7 @@ class Checkpointer:
             rng_state = None
             if restore_rng:
                 rng_file = info.metadata.get("rng", RNG_FILE)
-                rng_state = self.store.load(tag, rng_file, map_location="cpu")
+                rng_state = self.store.load(tag, rng_file, map_location="cpu", verify=verify)
                 bar.advance(sizes.get(rng_file, 0))
         finally:
             bar.close()
@@ -801,7 +855,8 @@ class Checkpointer:
         actions = {"restore": "restored", "assign": "assigned", "into": "into"}
         loaded = [LoadedObject(s.name, s.kind, actions[s.action], s.target or s.name) for s in plan.steps]
         return LoadResult(tag, self.root, loaded, rng=rng_state is not None,
-                          seconds=time.perf_counter() - started, size=total, notes=notes)
+                          seconds=time.perf_counter() - started, size=total, notes=notes, rng_reason=rng_reason,
+                          checkpoint_size=info.size)
 
     # -- inspecting and removing -----------------------------------------------------------------
     def list(self) -> TagList:
@@ -826,8 +881,10 @@ class Checkpointer:
     def diff(self, a: str, b: str, *, map_location: Any = "cpu") -> CheckpointDiff:
         """What changed from tag ``a`` to tag ``b``: see :func:`torchckpt.diff.diff_tags`."""
         self._check_open()
+        from ._devices import check_map_location
         from .diff import diff_tags
 
+        check_map_location(map_location)
         return diff_tags(self.store, a, b, map_location=map_location)
 
     def remove(self, tag: str, *, force: bool = False) -> RemoveResult:
@@ -857,7 +914,7 @@ class Checkpointer:
                  for n, o in objs.items() if isinstance(o, dict)]
         md = info.metadata
         return SaveResult(info.tag, self.root, saved, info.status, step=md.get("step"), note=md.get("note"),
-                          metrics=md.get("metrics") or {}, quiet=quiet)
+                          metrics=md.get("metrics") or {}, quiet=quiet, checkpoint_size=info.size)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import ipywidgets as w
 
 from . import _format
-from .errors import TorchckptError
+from .errors import TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
 from .store import CheckpointInfo
@@ -189,6 +189,7 @@ class CheckpointPanel:
         self._selected: list[str] = []  # in the order the user ticked them
         self._deselected_objects: set[str] = set()
         self._syncing_objects = False
+        self._left_out_said: dict[str, str] = {}
         self._rows: dict[str, _Row] = {}
         self._timer: threading.Timer | None = None
         self._closed = False
@@ -374,7 +375,11 @@ class CheckpointPanel:
         return cells
 
     def _refresh_objects(self) -> None:
-        found = self.checkpointer.checkpointable(self.namespace)
+        found, left_out = self.checkpointer.discover(self.namespace)
+        news = {n: why for n, why in left_out.items() if self._left_out_said.get(n) != why}
+        self._left_out_said = dict(left_out)
+        if news:  # said once per object and reason, not on every refresh
+            self._log("not in the objects list: " + "; ".join(f"{n}: {why}" for n, why in news.items()))
         options = [(f"{name} ({_kind(obj)})", name) for name, obj in found.items()]
         value = tuple(name for name in found if name not in self._deselected_objects)
         self._syncing_objects = True
@@ -495,7 +500,7 @@ class CheckpointPanel:
 
     def _failed(self, action: str, error: BaseException) -> None:
         self.last_error = error
-        message = f"{action} failed: {error}"
+        message = f"{action} failed: {in_dialect(' '.join(str(error).split()), 'magic')}"
         with contextlib.suppress(Exception):
             self.progress.bar_style = "danger"
         self._say(message, error=True)
@@ -658,7 +663,7 @@ class CheckpointPanel:
             result = self.checkpointer.load(tag, self.namespace, names, map_location=location,
                                             progress=self._progress(0.0, 1.0))
             where = f" onto {location}" if location else ""
-            rng = " + RNG" if result.rng else ""
+            rng = " + RNG" if result.rng else f" (RNG states left as they were: {result.rng_reason})"
             self._say(f"loaded {tag!r}{where}: {', '.join(result.names)}{rng} "
                       f"({_format.human_size(result.size)}, {result.seconds:.2f} s)")
             for note in result.notes:

@@ -20,7 +20,8 @@ from typing import Any, Union
 
 import torch
 
-from .errors import DeviceUnavailableError, UnsafeCheckpointError
+from . import _safe_unpickle
+from .errors import DeviceUnavailableError, NotTorchFileError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -193,16 +194,35 @@ def load(
         trusted: load with ``weights_only=False`` (runs arbitrary pickled code).
         mmap: memory-map the file (zip format only) instead of reading it into memory first.
 
+    A safe load of a memory-mapped zip file runs CPython's C unpickler when one pass over the
+    pickle proves it does only what torch's weights-only unpickler would (``_safe_unpickle``);
+    other files go through torch's weights-only unpickler.
+
     Raises:
-        UnsafeCheckpointError: the file needs globals that are not allowed.
+        UnsafeCheckpointError: the file needs globals that are not allowed, or holds what
+            ``torch.save`` never writes (tensors with backward hooks, a storage larger than its
+            record).
         DeviceUnavailableError: tensors were saved on a device this machine lacks.
     """
     path = Path(path)
     location = resolve_map_location(map_location)
     is_zip = _is_zip(path)
+    if not is_zip and not _is_pickle(path):
+        raise NotTorchFileError(f"{path} is not a torch.save file (zip or legacy) nor safetensors")
     use_mmap = mmap and is_zip
     if trusted:
         return _torch_load(path, location, weights_only=False, mmap=use_mmap)
+    if use_mmap:  # the C unpickler, where it provably does only what the weights-only one would
+        try:
+            return _safe_unpickle.load(path, location)
+        except _safe_unpickle.Decline as e:
+            logger.debug("%s: loading with torch's weights-only unpickler (%s)", path, e)
+        except _safe_unpickle.Refused as e:
+            raise UnsafeCheckpointError(
+                f"{path} holds {e}, which torch.save never writes: it is corrupt or crafted; "
+                "if you trust the whole file, pass trusted=True (this runs arbitrary pickled code)",
+                [],
+            ) from None
     entries: list[Any] = []
     if is_zip:  # the zip format lets us list every global up front, without unpickling
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -219,7 +239,15 @@ def load(
                 raise
             needed = _globals_from_message(text)
             more, missing = _allowed_globals(needed, allow)
-            if missing or not needed or any(m in entries for m in more):
+            if not needed:  # refused for a reason that is no global: not a file torch wrote
+                import re
+
+                reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+                raise NotTorchFileError(
+                    f"{path} is not a torch.save file (zip or legacy) nor safetensors"
+                    + (f" ({reason.group(1).strip()})" if reason and reason.group(1).strip() else "")
+                ) from e
+            if missing or any(m in entries for m in more):
                 raise _unsafe_error(path, missing or needed or ["<unknown>"]) from e
             entries += more
 
@@ -246,6 +274,12 @@ def _globals_from_message(text: str) -> list[str]:
     import re
 
     return sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later (how legacy torch.save files start)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _is_zip(path: Path) -> bool:

@@ -9,7 +9,9 @@ every problem before anything changes; :meth:`RestorePlan.apply` then changes th
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import keyword
 import logging
 import pickle
 import random
@@ -36,6 +38,10 @@ IN_PLACE_KINDS = frozenset({"module", "optimizer", "scheduler", "grad_scaler", "
 _SKIP_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
 #: Auto-discovery ignores plain containers larger than this (a loaded data set is not state).
 MAX_AUTO_VALUE_ITEMS = 10_000
+#: Auto-discovery leaves out tensors, arrays and values holding more bytes than this (a data set
+#: loaded into memory is not training state); naming an object saves it whatever its size.
+#: Modules, optimizers and other objects with a state_dict() are always included.
+MAX_AUTO_BYTES = 512 << 20
 #: Variables that hold the training step, looked up (in order) by :func:`infer_step`.
 STEP_NAMES = ("global_step", "step")
 
@@ -78,6 +84,61 @@ def _is_plain(value: Any, budget: list[int], depth: int = 0) -> bool:
     return False
 
 
+def _describe(value: Any) -> str:
+    """A few words for what a value is: ``a function``, ``an open file``, ``a threading.Lock``."""
+    import io
+
+    if isinstance(value, types.LambdaType) and value.__name__ == "<lambda>":
+        return "a lambda"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return "a function"
+    if isinstance(value, io.IOBase):
+        return "an open file"
+    if isinstance(value, types.ModuleType):
+        return "a module"
+    if isinstance(value, type):
+        return "a class"
+    if isinstance(value, types.GeneratorType):
+        return "a generator"
+    if isinstance(value, torch.Tensor):
+        return "a tensor (a value may hold tensors only as variables of their own)"
+    return f"a {type_name(value)}"
+
+
+def first_unsaveable(value: Any, path: str, *, depth: int = 0) -> tuple[str, str] | None:
+    """The first entry of a plain container that torchckpt cannot save, as ``(path, what)``:
+    ``("cfg['act']", "a lambda")``; None when ``value`` is no container or every entry can be saved."""
+    if depth > 100:
+        return path, "nested more than 100 levels deep"
+    if type(value) is dict:
+        items = [(f"{path}[{k!r}]", k, v) for k, v in value.items()]
+    elif type(value) in (list, tuple):
+        items = [(f"{path}[{i}]", 0, v) for i, v in enumerate(value)]
+    elif type(value) in (set, frozenset):
+        items = [(f"an element of {path}", 0, v) for v in value]
+    else:
+        return None
+    for sub, key, v in items:
+        if not isinstance(key, (str, int)):
+            return sub, f"a key of type {type(key).__name__} (keys must be str or int)"
+        if not _is_plain(v, [1 << 62]):
+            return first_unsaveable(v, sub, depth=depth + 1) or (sub, _describe(v))
+    return None
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of data a tensor, array or plain container holds (tensor/array data only)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if type(obj) is dict:
+        return sum(nbytes(v) for v in obj.values())
+    if type(obj) in (list, tuple):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
 def kind_of(obj: Any, *, max_items: int | None = None) -> str | None:
     """The kind of a checkpointable object (one of :data:`KINDS`), or None.
 
@@ -112,24 +173,50 @@ def kind_of(obj: Any, *, max_items: int | None = None) -> str | None:
     return None
 
 
-def checkpointable(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """Every object in ``namespace`` that a save with no names would include, by name.
+def checkpointable(namespace: Mapping[str, Any], *, max_bytes: int | None = MAX_AUTO_BYTES) -> dict[str, Any]:
+    """Every object in ``namespace`` that a save with no names would include, by name
+    (see :func:`discover`, which also says what was left out and why)."""
+    return discover(namespace, max_bytes=max_bytes)[0]
 
-    Skipped: names starting with ``_``, IPython's own names, modules, functions and classes,
-    plain containers of more than :data:`MAX_AUTO_VALUE_ITEMS` items, a second name for an
-    object already found, and the parts of a DeepSpeed engine (its module, optimizer and
-    scheduler are saved by the engine itself).
+
+def discover(
+    namespace: Mapping[str, Any], *, max_bytes: int | None = MAX_AUTO_BYTES
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """What a save with no names includes, and what it leaves out with the reason.
+
+    Returns ``(objects, skipped)``: name -> object, and name -> why it was left out
+    (``"cfg['act'] is a lambda"``, ``"a tensor of 10.0 GiB, over the 512 MiB limit..."``).
+
+    Left out without a word (they are code or IPython's, not state): names starting with
+    ``_``, IPython's own names, modules, functions and classes, a second name for an object
+    already found, and the parts of a DeepSpeed engine (the engine saves them itself).
+    Left out with a reason: plain containers holding something torchckpt cannot save or more
+    than :data:`MAX_AUTO_VALUE_ITEMS` items, tensors and arrays above ``max_bytes`` (a data set
+    is not training state; name it to save it anyway), and every other object torchckpt cannot
+    save (open files, locks, data loaders...).
     """
     found: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     seen: set[int] = set()
     for name, obj in namespace.items():
         if name.startswith("_") or name in _SKIP_NAMES or not name.isidentifier() or id(obj) in seen:
             continue
+        if isinstance(obj, (type, types.ModuleType)) or (callable(obj) and not isinstance(obj, (torch.nn.Module, Stateful))):
+            continue
         try:
             kind = kind_of(obj, max_items=MAX_AUTO_VALUE_ITEMS)
-        except Exception:  # noqa: BLE001 - an object whose attribute lookup fails is not state
-            kind = None
+        except Exception as e:  # noqa: BLE001 - an object whose attribute lookup fails is not state
+            skipped[name] = f"{_describe(obj)} whose attributes cannot be read ({type(e).__name__})"
+            continue
         if kind is None:
+            skipped[name] = _why_not(name, obj)
+            continue
+        size = nbytes(obj) if kind in ("tensor", "ndarray") else 0
+        if max_bytes is not None and size > max_bytes:
+            from ._render import size as human
+
+            skipped[name] = (f"a {kind} of {human(size)}, over the {human(max_bytes)} limit of saves without "
+                             "names (a data set?); name it to save it")
             continue
         seen.add(id(obj))
         found[name] = obj
@@ -141,15 +228,34 @@ def checkpointable(namespace: Mapping[str, Any]) -> dict[str, Any]:
                 if inner is not None:
                     owned.add(id(inner))
                     owned.add(id(getattr(inner, "optimizer", None)))
-    return {name: obj for name, obj in found.items() if id(obj) not in owned}
+    return {name: obj for name, obj in found.items() if id(obj) not in owned}, skipped
+
+
+def _why_not(name: str, obj: Any) -> str:
+    """Why ``obj`` cannot be saved, naming the entry of a container that stops it."""
+    if type(obj) in (list, tuple, set, frozenset, dict):
+        if len(obj) > MAX_AUTO_VALUE_ITEMS:
+            return f"a {type(obj).__name__} of more than {MAX_AUTO_VALUE_ITEMS} items (a data set?); name it to save it"
+        bad = first_unsaveable(obj, name)
+        if bad is not None:
+            return f"{bad[0]} is {bad[1]}"
+    if isinstance(obj, np.ndarray):
+        return f"an array of dtype {obj.dtype} (only numeric arrays in native byte order are saved)"
+    return f"{_describe(obj)}, which torchckpt cannot save"
 
 
 def require_kind(name: str, obj: Any) -> str:
     """The kind of ``obj``; raises :class:`NotCheckpointableError` naming ``name`` and the fix."""
     kind = kind_of(obj)
     if kind is None:
+        bad = first_unsaveable(obj, name)
+        if bad is not None:
+            raise NotCheckpointableError(
+                f"{name!r} is a {type_name(obj)}, which torchckpt cannot save: {bad[0]} is {bad[1]}; "
+                "a plain value holds only numbers, strings, bytes, None and lists, tuples, sets and dicts of them"
+            )
         raise NotCheckpointableError(
-            f"{name!r} is a {type(obj).__module__}.{type(obj).__qualname__}, which torchckpt cannot save: "
+            f"{name!r} is {_describe(obj)}, which torchckpt cannot save: "
             "give it state_dict() and load_state_dict() methods (the Stateful protocol), "
             "or save the tensors or plain values it holds"
         )
@@ -321,6 +427,22 @@ class RestoreStep:
         return KINDS.index(self.kind) if self.kind in KINDS else len(KINDS)
 
 
+@contextlib.contextmanager
+def _one_intraop_thread():
+    """Restore with one intra-op thread. torch splits every CPU ``copy_`` of 32 KiB or more over
+    its intra-op threads; copying from a memory-mapped file is bound by page faults and memory,
+    not by cores, and on a busy machine the hand-offs dominate: restoring a 75 MB model in place
+    took 0.4-1.0 s with 2 threads and 0.11 s with one (benchmarks/bench_checkpoint.py, notebook)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 @dataclass
 class RestorePlan:
     """Checked restore steps; :meth:`apply` changes the live objects."""
@@ -339,10 +461,11 @@ class RestorePlan:
         notes: list[str] = []
         undo: list[Callable[[], None]] = []
         try:
-            for step in sorted(self.steps, key=lambda s: s.order):
-                undo_step = self._apply_one(step)
-                if undo_step is not None:
-                    undo.append(undo_step)
+            with _one_intraop_thread():
+                for step in sorted(self.steps, key=lambda s: s.order):
+                    undo_step = self._apply_one(step)
+                    if undo_step is not None:
+                        undo.append(undo_step)
             if self.rng is not None:
                 notes += restore_rng(self.rng)
         except Exception:
@@ -447,9 +570,9 @@ def plan_restore(
     steps = []
     if into is not None:
         if len(entries) != 1:
-            raise RestoreError(f"--into/into= takes exactly one object, got {len(entries)}: {', '.join(entries)}")
-        if not into.isidentifier():
-            raise RestoreError(f"into={into!r} is not a valid Python variable name")
+            raise RestoreError(f"into= takes exactly one object, got {len(entries)}: {', '.join(entries)}")
+        if not into.isidentifier() or keyword.iskeyword(into) or into in ("True", "False", "None"):
+            raise RestoreError(f"into={into!r} is not a name a variable can have; choose another, e.g. into='{next(iter(entries))}_saved'")
     for name, (kind, saved) in entries.items():
         live = namespace.get(name)
         step = RestoreStep(name, kind, saved, live, strict=strict)
@@ -482,6 +605,12 @@ def plan_restore(
                 problems += _check_keys(name, live, saved, strict, notes)
         else:
             live_kind = kind_of(live) if name in namespace else None
+            if name in namespace and live_kind != kind and not _replaceable(live, live_kind):
+                problems.append(
+                    f"{name}: saved as {_KIND_WORDS.get(kind, kind)}, but {name!r} is now {_describe(live)}, "
+                    f"which loading would replace; load it with into='{name}_saved', or rebind {name} first"
+                )
+                continue
             if live_kind == kind and kind == "tensor":
                 mismatch = _tensor_mismatch(live, saved)
                 if mismatch and strict:
@@ -503,6 +632,14 @@ def plan_restore(
     if problems:
         raise RestoreError("nothing was restored: " + "; ".join(problems))
     return RestorePlan(steps, namespace, rng=rng, warnings=notes)
+
+
+_KIND_WORDS = {"value": "a plain value", "tensor": "a tensor", "ndarray": "a NumPy array", "generator": "a torch.Generator"}
+
+
+def _replaceable(live: Any, live_kind: str | None) -> bool:
+    """A live object a saved one may take the place of: a plain value (of any type), or None."""
+    return live_kind == "value" or type(live) in (dict, list, tuple, set, frozenset)
 
 
 def _tensor_mismatch(live: torch.Tensor, saved: torch.Tensor) -> str | None:

@@ -329,19 +329,23 @@ class CheckpointStore:
 
     def resolve(self, tag: str | None = LATEST_NAME, *, allow_incomplete: bool = False) -> str:
         """The tag to load: ``latest``/None resolved, existence checked, completeness enforced."""
+        return self._resolved(tag, allow_incomplete=allow_incomplete)[0]
+
+    def _resolved(self, tag: str | None, *, allow_incomplete: bool) -> tuple[str, Manifest | None]:
+        """:meth:`resolve`, and the tag's manifest (read once)."""
         tag = self._existing(tag)
-        if not allow_incomplete and read_manifest(self.root / tag) is None:
+        manifest = read_manifest(self.root / tag)
+        if manifest is None and not allow_incomplete:
             raise IncompleteCheckpointError(
                 f"checkpoint {tag!r} in {self.root} is incomplete (no {MANIFEST_NAME}: never committed, "
                 "or written without torchckpt); commit it, adopt it with `torchckpt adopt`, "
                 "or load with allow_incomplete=True"
             )
-        return tag
+        return tag, manifest
 
     def manifest(self, tag: str) -> Manifest:
-        tag = self.resolve(tag)
-        manifest = read_manifest(self.root / tag)
-        assert manifest is not None  # resolve() checked
+        manifest = self._resolved(tag, allow_incomplete=False)[1]
+        assert manifest is not None  # _resolved checked
         return manifest
 
     def verify(self, tag: str) -> VerifyReport:
@@ -371,8 +375,7 @@ class CheckpointStore:
     ) -> Any:
         """Load one file of a tag, checking it against the manifest first (``verify``)."""
         try:
-            tag = self.resolve(tag, allow_incomplete=allow_incomplete)
-            manifest = read_manifest(self.root / tag)
+            tag, manifest = self._resolved(tag, allow_incomplete=allow_incomplete)
         except ManifestError as e:
             if verify or not allow_incomplete:
                 raise ManifestError(f"{e}; to read its files anyway, load with verify=False, allow_incomplete=True") from e
