@@ -188,6 +188,20 @@ def test_lightning_callback_checks_options_and_strategy():
         callback.on_fit_start(trainer, None)
 
 
+def test_lightning_callback_without_lightning_is_one_line_naming_the_install():
+    code = (
+        "import sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None\n"
+        "import torchckpt\n"
+        "try:\n    torchckpt.LightningCallback\n"
+        "except torchckpt.TorchckptError as e:\n    print(type(e).__name__, e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.stdout.strip() == (
+        "MissingExtraError torchckpt.LightningCallback needs lightning, which is not installed here: "
+        "pip install 'torchckpt[trainers]'"
+    ), proc.stdout + proc.stderr
+
+
 # -- last_committed_checkpoint -------------------------------------------------------------------------
 def _trainer_checkpoint(out: Path, step: int, *, tag: str = "committed", state: str | None = "{}", latest: bool = True):
     """A checkpoint-N as HF Trainer + torchckpt leave it: a DeepSpeed tag, `latest`, trainer_state.json.

@@ -12,13 +12,11 @@ from typing import Any
 
 try:  # the unified package, else the standalone one (the same classes under another name)
     from lightning.pytorch import Callback
-except ImportError:  # pragma: no cover - depends on what is installed
+except ModuleNotFoundError as missing_lightning:  # pragma: no cover - depends on what is installed
     try:
         from pytorch_lightning import Callback
-    except ImportError as e:
-        raise ImportError(
-            "torchckpt.LightningCallback needs Lightning: pip install lightning (or torchckpt[trainers])"
-        ) from e
+    except ModuleNotFoundError:
+        raise missing_lightning from None  # named as `lightning`: torchckpt[trainers] installs it
 
 from .enable import _check_options, _commit_pending
 from .engine import TorchCheckpointEngine, install
