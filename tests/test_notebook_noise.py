@@ -27,10 +27,12 @@ def run_notebook(name: str, tmp: Path, monkeypatch) -> list[str]:
     return [o["text"] for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
 
 
-@pytest.mark.parametrize("name", ["02_deepspeed.ipynb", "03_panel.ipynb"])
+@pytest.mark.parametrize("name", ["02_deepspeed.ipynb", "03_panel.ipynb", "05_trainers.ipynb"])
 def test_notebook_shows_no_noise_and_leaves_nothing(name, tmp_path, monkeypatch):
-    if name.startswith("02"):
+    if name.startswith(("02", "05")):
         pytest.importorskip("deepspeed")
+    if name.startswith("05"):
+        pytest.importorskip("transformers")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     stderr = run_notebook(name, tmp, monkeypatch)
