@@ -11,7 +11,8 @@ import zipfile
 import pytest
 import torch
 
-from torchckpt.inspect import foreign_globals, inspect_file, origin
+from torchckpt.deepspeed.layout import origin
+from torchckpt.inspect import foreign_globals, inspect_file
 from torchckpt.manifest import MANIFEST_NAME
 
 
@@ -190,6 +191,7 @@ def test_origin(tmp_path):
         d.mkdir()
     (ds / "mp_rank_00_model_states.pt").write_bytes(b"")
     (ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (ds / "layer_00-model_states.pt").write_bytes(b"")  # a pipeline layer file
     (ours / "mp_rank_00_model_states.pt").write_bytes(b"")
     (ours / ".torchckpt-writing").write_bytes(b"")
     (other / "weights.bin").write_bytes(b"")

@@ -1,7 +1,7 @@
 """``torchckpt``: look after checkpoints from a terminal, CI or a job script.
 
 A thin shell over :class:`~torchckpt.store.CheckpointStore`, :mod:`torchckpt.inspect`,
-:mod:`torchckpt.interop` and :mod:`torchckpt.diff`: it parses, calls, renders and maps errors to
+:mod:`torchckpt.interop`, :mod:`torchckpt.deepspeed.adopt` and :mod:`torchckpt.diff`: it parses, calls, renders and maps errors to
 exit codes. Nothing heavy is imported before a command runs (``--help`` imports neither torch nor
 deepspeed; deepspeed only when a checkpoint being loaded needs its classes).
 """
@@ -94,7 +94,7 @@ def _tag(store, tag: str | None) -> str:
     if tag is not None and not tag.strip():
         raise InvalidTagError(f"tag {tag!r} is empty; give a tag (torchckpt ls {store.root} lists them) or 'latest'")
     if tag in (None, "latest") and not store.tags(committed_only=True):
-        from .interop import deepspeed_latest
+        from .deepspeed.adopt import deepspeed_latest
 
         named = deepspeed_latest(store)
         if named is not None:
@@ -368,7 +368,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    from .interop import adopt, adoptable
+    from .deepspeed.adopt import adopt, adoptable
 
     store = _store(args.root)
     if args.all and args.tag:
@@ -533,7 +533,8 @@ def _run(args: argparse.Namespace) -> int:
     except _USER_ERRORS as e:
         return _fail(args, e, EXIT_USAGE)
     except TorchckptError as e:
-        from .interop import AdoptError, ExportError
+        from .deepspeed.adopt import AdoptError
+        from .interop import ExportError
 
         return _fail(args, e, EXIT_USAGE if isinstance(e, (AdoptError, ExportError)) else EXIT_PROBLEM)
     except ValueError as e:  # option validation in the API (e.g. keep_last)

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import pickle
-import re
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -30,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import MANIFEST_NAME, RESERVED_PREFIX
-
-__all__ = ["FileStructure", "TensorMeta", "ValueMeta", "inspect_file", "origin"]
+__all__ = ["FileStructure", "TensorMeta", "ValueMeta", "inspect_file"]
 
 #: Larger pickles are refused rather than parsed (a crafted file could otherwise exhaust memory).
 MAX_PICKLE_BYTES = 1 << 30
@@ -70,14 +67,6 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
 }  # fmt: skip
 
-#: File names DeepSpeed's engines write into a tag directory.
-_DEEPSPEED_FILE = re.compile(
-    r"^(mp_rank_\d+_model_states"
-    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states"
-    r"|layer_\d+-model_\d+-model_states"
-    r"|(expp_rank_\d+_)?mp_rank_\d+_optim_states"
-    r"|(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states)\.pt$"
-)
 
 
 # -- what the inspection returns -----------------------------------------------------------------
@@ -169,24 +158,6 @@ class FileStructure:
             "notes": self.notes,
             "error": self.error,
         }
-
-
-def origin(tag_dir: Path) -> str:
-    """Who wrote a tag directory, from its names alone.
-
-    Returns ``"torchckpt"`` (a manifest or torchckpt's bookkeeping is there), ``"deepspeed"``
-    (DeepSpeed's file names and nothing of torchckpt's: DeepSpeed's own engine wrote it) or
-    ``"unknown"``.
-    """
-    try:
-        names = os.listdir(tag_dir)
-    except OSError:
-        return "unknown"
-    if MANIFEST_NAME in names or any(n.startswith(RESERVED_PREFIX) for n in names):
-        return "torchckpt"
-    if any(_DEEPSPEED_FILE.match(n) for n in names):
-        return "deepspeed"
-    return "unknown"
 
 
 # -- the inert unpickler ------------------------------------------------------------------------

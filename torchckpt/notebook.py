@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 from . import _format, _render, state
 from .errors import (
     CheckpointInUseError,
-    CommitError,
     IncompleteCheckpointError,
     NotCheckpointableError,
     ObjectNotFoundError,

@@ -33,6 +33,7 @@ from ._fileio import (
     is_tmp_name,
     write_bytes_atomic,
 )
+from .deepspeed.layout import origin
 from .errors import (
     CheckpointInUseError,
     CommitError,
@@ -44,16 +45,20 @@ from .errors import (
     TorchckptError,
     WriteError,
 )
-from .inspect import origin
 from .manifest import (
     LATEST_NAME,
+    LOCK_NAME,
     MANIFEST_NAME,
+    RANK_PART,
     RESERVED_PREFIX,
+    TRASH_PREFIX,
+    WRITING_NAME,
     FileRecord,
     Manifest,
     check_metadata,
     current_versions,
     read_manifest,
+    started_by_torchckpt,
     validate_relpath,
     validate_tag,
     write_manifest,
@@ -65,11 +70,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".torchckpt.lock"
-WRITING_NAME = ".torchckpt-writing"
-TRASH_PREFIX = ".torchckpt-trash-"
-RANK_PART_PREFIX = ".torchckpt-rank-"
-RANK_PART = RANK_PART_PREFIX + "{rank:05d}.json"
 
 
 class LatestFallbackWarning(UserWarning):
@@ -565,16 +565,6 @@ def scan_files(tag_dir: Path) -> list[str]:
             if not rel.split("/")[0].startswith(RESERVED_PREFIX):
                 found.append(rel)
     return sorted(found)
-
-
-def started_by_torchckpt(tag_dir: Path) -> bool:
-    """Whether torchckpt began writing this tag directory (its writing marker or a rank's file list
-    is there), as opposed to DeepSpeed's own engine or some other tool."""
-    try:
-        names = os.listdir(tag_dir)
-    except OSError:
-        return False
-    return WRITING_NAME in names or MANIFEST_NAME in names or any(n.startswith(RANK_PART_PREFIX) for n in names)
 
 
 _warned_unverified: set[Path] = set()

@@ -17,9 +17,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import TorchckptError
-from ..inspect import origin
-from ..manifest import LATEST_NAME, validate_tag
-from ..store import CheckpointStore, started_by_torchckpt
+from ..manifest import LATEST_NAME, started_by_torchckpt, validate_tag
+from ..store import CheckpointStore
+from .layout import origin
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and its pattern
 TRAINER_STATE_NAME = "trainer_state.json"
