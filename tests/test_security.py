@@ -12,12 +12,14 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from _reliability import record
 
+import torchckpt
 from torchckpt import CheckpointStore
 from torchckpt.errors import (
     CorruptCheckpointError,
@@ -138,13 +140,18 @@ def test_engine_and_inspect_never_run_a_hostile_pickle(root, marker):
 
     store = CheckpointStore(root)
     _write_raw(store, "t", {"mp_rank_00_model_states.pt": _torch_bytes({"module": {"w": torch.ones(2)}, "x": Evil(marker)})})
-    (root / "incomplete").mkdir()
-    (root / "incomplete" / "mp_rank_00_model_states.pt").write_bytes(_torch_bytes(Evil(marker)))
+    (root / "foreign").mkdir()  # no manifest, nothing of torchckpt's: DeepSpeed's own engine wrote it
+    (root / "foreign" / "mp_rank_00_model_states.pt").write_bytes(_torch_bytes(Evil(marker)))
+    (root / "interrupted").mkdir()  # torchckpt began it and never committed it
+    (root / "interrupted" / ".torchckpt-writing").write_bytes(b"")
+    (root / "interrupted" / "mp_rank_00_model_states.pt").write_bytes(_torch_bytes(Evil(marker)))
     for options in ({}, {"verify_on_load": False}, {"allow_incomplete": True}, {"map_location": "cpu"}):
         engine = TorchCheckpointEngine(None, **options)
-        for tag in ("t", "incomplete"):
-            refusal = IncompleteCheckpointError if tag == "incomplete" and not options.get("allow_incomplete") else UnsafeCheckpointError
-            with pytest.raises(refusal):
+        for tag in ("t", "foreign", "interrupted"):
+            interrupted = tag == "interrupted" and not options.get("allow_incomplete")
+            refusal = IncompleteCheckpointError if interrupted else UnsafeCheckpointError
+            with pytest.raises(refusal), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torchckpt.UnverifiedLoadWarning)
                 engine.load(str(root / tag / "mp_rank_00_model_states.pt"))
             assert not marker.exists()
     structure = inspect_file(root / "t" / "mp_rank_00_model_states.pt")
