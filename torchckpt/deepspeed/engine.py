@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
-    CheckpointCommitInfo,
-    CheckpointEngine,
-)
+import deepspeed
+
+try:
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
+        CheckpointCommitInfo,
+        CheckpointEngine,
+    )
+except ImportError as e:  # DeepSpeed <= 0.17.0: create(tag)/commit(tag), no CheckpointCommitInfo
+    raise ImportError(
+        f"torchckpt's DeepSpeed engine needs deepspeed>=0.17.1 (its checkpoint-engine API with "
+        f"CheckpointCommitInfo); this is deepspeed {getattr(deepspeed, '__version__', '?')}: "
+        "pip install 'deepspeed>=0.17.1'"
+    ) from e
 from deepspeed.utils import log_dist
 
 from .._fileio import atomic_writer, fsync_dir
