@@ -195,6 +195,18 @@ def test_rm_and_gc_follow_the_notebook_rules(nb_root, tmp_path, capsys):
     assert capsys.readouterr().out == "removed t3\nremoved inflight\n"
 
 
+def test_rm_of_several_tags_is_all_or_nothing(nb_root, tmp_path):
+    """One unknown or protected tag refuses the whole command, as %ckpt rm does."""
+    root = shutil.copytree(nb_root, tmp_path / "ckpts")
+    for tags, message in ((["t1", "nope"], "no checkpoint 'nope'"), (["t1", "t2"], "'t2' is 'latest'")):
+        proc = torchckpt("rm", root, *tags)
+        assert proc.returncode == 2, proc.stderr
+        one_error_line(proc, message)
+        assert sorted(CheckpointStore(root).tags()) == ["t1", "t2"], "nothing removed"
+    assert torchckpt("rm", root, "t1", "t2", "--force").returncode == 0
+    assert CheckpointStore(root).tags() == []
+
+
 def test_export_and_import(nb_root, tmp_path):
     from safetensors.torch import load_file
 

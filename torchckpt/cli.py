@@ -283,9 +283,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -- rm / gc -------------------------------------------------------------------------------------
 def cmd_rm(args: argparse.Namespace) -> int:
-    store = _store(args.root)
-    for tag in args.tags:
-        store.delete(tag, allow_latest=args.force)
+    for tag in _store(args.root).delete_all(args.tags, allow_latest=args.force):  # all or nothing
         _echo(f"removed {tag}")
     return EXIT_OK
 

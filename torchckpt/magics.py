@@ -432,15 +432,7 @@ class CkptMagics(Magics, Configurable):
         return self.checkpointer.verify(a.tag)
 
     def _do_rm(self, a: argparse.Namespace):
-        from .notebook import RemoveResult
-
-        ckpt = self.checkpointer
-        for tag in a.tags:  # check them all before removing any
-            ckpt.store.info(tag)
-        removed = []
-        for tag in a.tags:
-            removed += ckpt.remove(tag, force=a.force).removed
-        return RemoveResult(removed)
+        return self.checkpointer.remove(a.tags, force=a.force)  # all or nothing
 
     def _do_gc(self, a: argparse.Namespace):
         return self.checkpointer.gc(keep_last=a.keep_last, dry_run=a.dry_run)

@@ -886,18 +886,22 @@ class Checkpointer:
         check_map_location(map_location)
         return diff_tags(self.store, a, b, map_location=map_location)
 
-    def remove(self, tag: str, *, force: bool = False) -> RemoveResult:
-        """Remove a tag. ``latest`` only with ``force``; never a tag being written."""
+    def remove(self, tags: str | list[str], *, force: bool = False) -> RemoveResult:
+        """Remove one tag or several, all or nothing. ``latest`` only with ``force``; never a tag
+        being written (or saved here and not committed yet)."""
         self._check_open()
+        tags = [tags] if isinstance(tags, str) else list(tags)
         with self._lock:
-            if tag in self._pending:
-                raise CheckpointInUseError(
-                    f"checkpoint {tag!r} was saved by this kernel and is not committed yet; commit it first"
-                )
-        self.store.delete(tag, allow_latest=force)
+            for tag in tags:
+                if tag in self._pending:
+                    raise CheckpointInUseError(
+                        f"checkpoint {tag!r} was saved by this kernel and is not committed yet; commit it first"
+                    )
+        removed = self.store.delete_all(tags, allow_latest=force)
         with self._lock:
-            self._failed.pop(tag, None)
-        return RemoveResult([tag])
+            for tag in removed:
+                self._failed.pop(tag, None)
+        return RemoveResult(removed)
 
     def gc(self, *, keep_last: int | None = None, dry_run: bool = False) -> RemoveResult:
         """Remove incomplete tags and leftovers and, with ``keep_last``, all but the newest N

@@ -21,7 +21,7 @@ from typing import Any, Union
 import torch
 
 from . import _safe_unpickle
-from .errors import DeviceUnavailableError, NotTorchFileError, UnsafeCheckpointError
+from .errors import DeviceUnavailableError, NotTorchFileError, TorchckptError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,13 @@ def load(
         except Exception as e:
             text = str(e)
             if "Unsupported global" not in text and "Weights only load failed" not in text:
-                raise
+                if is_zip or isinstance(e, TorchckptError):
+                    raise
+                # A pickle stream torch's unpickler chokes on (IndexError, KeyError, UnicodeDecodeError...)
+                raise NotTorchFileError(
+                    f"{path} is not a torch.save file (zip or legacy) nor safetensors "
+                    f"(its pickle stream is damaged: {type(e).__name__})"
+                ) from e
             needed = _globals_from_message(text)
             more, missing = _allowed_globals(needed, allow)
             if not needed:  # refused for a reason that is no global: not a file torch wrote

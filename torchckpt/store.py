@@ -425,15 +425,31 @@ class CheckpointStore:
         with self.lock():
             self._delete_locked(tag, allow_latest=allow_latest)
 
-    def _delete_locked(self, tag: str, *, allow_latest: bool) -> None:
-        tag_dir = self.root / tag
-        if _in_flight(tag_dir):
+    def delete_all(self, tags: list[str], *, allow_latest: bool = False) -> list[str]:
+        """Remove several tags, all or nothing: every tag is checked (it exists, nobody is writing
+        it, it is not ``latest`` unless ``allow_latest``) before any is removed. Returns them."""
+        resolved = list(dict.fromkeys(self._existing(tag) for tag in tags))
+        with self.lock():
+            for tag in resolved:
+                self._check_deletable(tag, allow_latest=allow_latest)
+            for tag in resolved:
+                self._delete_locked(tag, allow_latest=allow_latest)
+        return resolved
+
+    def _check_deletable(self, tag: str, *, allow_latest: bool) -> bool:
+        """Raise if ``tag`` may not be removed now; return whether it is ``latest``."""
+        if _in_flight(self.root / tag):
             raise CheckpointInUseError(f"checkpoint {tag!r} is being written by another process or save; wait for its commit")
         is_latest = self._resolve_latest(warn=False) == tag
         if is_latest and not allow_latest:
             raise CheckpointInUseError(
                 f"checkpoint {tag!r} is 'latest'; pass allow_latest=True (or --force) to remove it anyway"
             )
+        return is_latest
+
+    def _delete_locked(self, tag: str, *, allow_latest: bool) -> None:
+        tag_dir = self.root / tag
+        is_latest = self._check_deletable(tag, allow_latest=allow_latest)
         # Un-commit first, durably: a crash mid-removal leaves an incomplete tag, never a torn committed one.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tag_dir / MANIFEST_NAME)
