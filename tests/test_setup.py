@@ -26,7 +26,7 @@ def test_the_core_pulls_no_extra_and_dev_installs_them_all():
     for heavy in ("deepspeed", "jupyterlab", "nbval", "pytest", "playwright"):
         assert heavy not in core
     extras = project["optional-dependencies"]
-    assert extras["deepspeed"] == ["deepspeed>=0.16"]
+    assert extras["deepspeed"] == ["deepspeed>=0.17.1"]
     assert any(d.startswith("jupyterlab") for d in extras["lab"])
     assert "torchckpt[deepspeed,lab]" in extras["test"] and "torchckpt[test]" in extras["dev"]
     assert '-e ".[dev]"' in (REPO / "dev").read_text()
