@@ -296,8 +296,8 @@ def test_pipeline_module_layer_files(ds_dist, tmp_path):
 
 
 @pytest.mark.skipif(
-    tuple(int(x) for x in deepspeed.__version__.split(".")[:2]) < (0, 18),
-    reason="DeepSpeed 0.17 reads a MoE model's optimizer state from the model-states file "
+    tuple(int(x) for x in deepspeed.__version__.split(".")[:2]) < (0, 19),
+    reason="DeepSpeed before 0.19 reads a fp32 MoE model's optimizer state from the model-states file "
     "(KeyError: 'optimizer' with its own engine too)",
 )
 def test_moe_expert_files(ds_dist, tmp_path):
