@@ -212,3 +212,32 @@ def test_gc_in_another_process_while_saving(zygote, tmp_path):
     assert len([e for e in journal if e[0] == "commit"]) == steps, "a save failed while gc ran"
     record("concurrency", kind="gc (keep_last=2) in another process while saving", saves=2 * steps, ok=True)
 
+
+
+def test_processes_listing_one_root_at_once_never_see_each_other_as_writers(tmp_path):
+    """The in-flight probe locks the writing marker for an instant; a second prober must not take
+    that for a writer (found on two DeepSpeed ranks listing a root right after the same barrier)."""
+    import torch
+
+    from torchckpt.store import _in_flight
+
+    store = CheckpointStore(tmp_path)
+    with store.transaction("t") as tx:
+        tx.write("a.pt", torch.ones(1))
+        tx.commit()
+    seen = []
+
+    def probe():
+        seen.extend(_in_flight(tmp_path / "t") for _ in range(2000))
+
+    threads = [threading.Thread(target=probe) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(seen), f"{sum(seen)} of {len(seen)} probes saw a writer that is not there"
+    writing = store.transaction("t")
+    try:
+        assert _in_flight(tmp_path / "t"), "a real writer is still seen"
+    finally:
+        writing.abort()

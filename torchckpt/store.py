@@ -158,19 +158,27 @@ class LocalCoordinator:
         return [value], [None]
 
 
-def _in_flight(tag_dir: Path) -> bool:
-    """True while some process holds the tag's writing lock (released by the OS on death)."""
+def _in_flight(tag_dir: Path, *, probes: int = 5) -> bool:
+    """True while some process holds the tag's writing lock (released by the OS on death).
+
+    The probe takes the lock exclusively for an instant, so two processes probing one tag at once
+    can see each other; a writer holds it throughout, so only a lock held on every retry counts.
+    """
     try:
         fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        for attempt in range(probes):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                if attempt + 1 < probes:
+                    time.sleep(0.001 * (attempt + 1))
         return True
     finally:
         os.close(fd)
-    return False
 
 
 class CheckpointStore:
