@@ -219,7 +219,7 @@ def render(entries: list[dict], *, counts: dict, rc: int, seconds: float, full: 
               "(via `exec` or `os.system`), at top level, inside a state dict, inside allowlisted containers "
               "(`OrderedDict`, `argparse.Namespace`, `defaultdict`), in torch's zip and legacy formats and as a raw "
               "pickle. Loaded through `store.load` (with every non-trusting option), the DeepSpeed engine and "
-              "`torchckpt.inspect`: always `UnsafeCheckpointError`, the marker never created. `trusted=True` creates "
+              "`torchckpt.file_structure`: always `UnsafeCheckpointError`, the marker never created. `trusted=True` creates "
               "it — proof the payload is real.",
               f"- **Tag names** ({len(tags)}): " + ", ".join(f"`{_short(e['tag'])}`" for e in tags) + " — refused by "
               "transaction, set_latest, load, verify, info and delete, before the root directory exists.",

@@ -136,7 +136,7 @@ def test_what_torch_save_never_writes_is_refused_by_the_store(root, tmp_path, cr
 def test_engine_and_inspect_never_run_a_hostile_pickle(root, marker):
     pytest.importorskip("deepspeed")
     from torchckpt import TorchCheckpointEngine
-    from torchckpt.inspect import inspect_file
+    from torchckpt.file_structure import inspect_file
 
     store = CheckpointStore(root)
     _write_raw(store, "t", {"mp_rank_00_model_states.pt": _torch_bytes({"module": {"w": torch.ones(2)}, "x": Evil(marker)})})

@@ -1,6 +1,6 @@
 """``torchckpt``: look after checkpoints from a terminal, CI or a job script.
 
-A thin shell over :class:`~torchckpt.store.CheckpointStore`, :mod:`torchckpt.inspect`,
+A thin shell over :class:`~torchckpt.store.CheckpointStore`, :mod:`torchckpt.file_structure`,
 :mod:`torchckpt.interop`, :mod:`torchckpt.deepspeed.adopt` and :mod:`torchckpt.diff`: it parses, calls, renders and maps errors to
 exit codes. Nothing heavy is imported before a command runs (``--help`` imports neither torch nor
 deepspeed; deepspeed only when a checkpoint being loaded needs its classes).
@@ -150,7 +150,7 @@ def _tag_facts(store, info) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .inspect import inspect_file
+    from .file_structure import inspect_file
 
     store = _store(args.root)
     info = store.info(_tag(store, args.tag))
@@ -210,7 +210,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
-    from .inspect import foreign_globals
+    from .file_structure import foreign_globals
 
     if s.error:
         return [f"{rel}: ERROR {s.error}"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import serialization
 from ._fileio import fsync_dir, tmp_name
 from .errors import TorchckptError
-from .inspect import inspect_file
+from .file_structure import inspect_file
 from .manifest import (
     Manifest,
     read_manifest,

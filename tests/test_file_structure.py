@@ -1,4 +1,4 @@
-"""torchckpt.inspect: the structure of checkpoint files, without reading tensor data or running pickled code."""
+"""torchckpt.file_structure: the structure of checkpoint files, without reading tensor data or running pickled code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torchckpt.deepspeed.layout import origin
-from torchckpt.inspect import foreign_globals, inspect_file
+from torchckpt.file_structure import foreign_globals, inspect_file
 from torchckpt.manifest import MANIFEST_NAME
 
 
