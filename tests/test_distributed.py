@@ -26,7 +26,7 @@ from _net import free_port
 from torchckpt import CheckpointStore
 from torchckpt._distributed import TorchDistributedCoordinator, _host_id, _start_time
 from torchckpt.errors import CommitError
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 PORTS = range(29750, 29800)

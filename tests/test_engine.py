@@ -11,7 +11,7 @@ import torch
 import torchckpt
 from torchckpt import CheckpointStore
 from torchckpt.errors import CommitError, CorruptCheckpointError, IncompleteCheckpointError
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME
 
 deepspeed = pytest.importorskip("deepspeed")
 

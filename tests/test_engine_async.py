@@ -10,12 +10,12 @@ import torch
 
 import torchckpt
 from torchckpt import CheckpointStore
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from _training import params, train  # noqa: E402
 from _training import make_engine as _make_engine  # noqa: E402
+from _training import params, train  # noqa: E402
 
 
 def make_engine(seed: int, stage: int = 0):

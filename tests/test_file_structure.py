@@ -11,9 +11,8 @@ import zipfile
 import pytest
 import torch
 
-from torchckpt.deepspeed.layout import origin
 from torchckpt.file_structure import foreign_globals, inspect_file
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME, origin
 
 
 def sample_state():

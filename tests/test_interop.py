@@ -12,14 +12,15 @@ from safetensors.torch import load_file
 
 import torchckpt
 from torchckpt import CheckpointStore
+from torchckpt.deepspeed.adopt import AdoptError, adopt, adoptable
 from torchckpt.errors import (
     CheckpointInUseError,
     IncompleteCheckpointError,
     TagNotFoundError,
 )
-from torchckpt.deepspeed.adopt import AdoptError, adopt, adoptable
 from torchckpt.interop import ExportError, export_safetensors, import_safetensors
-from torchckpt.manifest import MANIFEST_NAME, read_manifest
+from torchckpt.layout import MANIFEST_NAME
+from torchckpt.manifest import read_manifest
 
 pytest.importorskip("deepspeed")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from torchckpt.errors import InvalidTagError, ManifestError
+from torchckpt.layout import MANIFEST_NAME
 from torchckpt.manifest import (
-    MANIFEST_NAME,
     FileRecord,
     Manifest,
     check_metadata,

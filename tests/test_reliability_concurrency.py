@@ -18,7 +18,7 @@ from _reliability import _check_values, count, record, wait_for_phase, zygote  #
 
 from torchckpt import CheckpointStore, LatestFallbackWarning
 from torchckpt.errors import CheckpointInUseError, StoreLockedError
-from torchckpt.store import LOCK_NAME, WRITING_NAME
+from torchckpt.layout import LOCK_NAME, WRITING_NAME
 
 
 def _args(tmp_path, root, name: str, **extra) -> dict:

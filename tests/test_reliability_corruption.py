@@ -15,7 +15,7 @@ from _reliability import count, record, rng
 
 from torchckpt import CheckpointStore, LatestFallbackWarning
 from torchckpt.errors import CorruptCheckpointError, ManifestError, TagNotFoundError
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME
 
 FILES = {"model.pt": {"w": torch.arange(4096.0), "b": torch.ones(3)}, "sub/optim.pt": {"step": 7, "m": torch.zeros(512)}}
 

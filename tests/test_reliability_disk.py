@@ -23,7 +23,7 @@ from _reliability import record
 
 from torchckpt import AsyncWriter, CheckpointStore
 from torchckpt.errors import CommitError, TorchckptError, WriteError
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME
 
 
 def _good(root: Path) -> CheckpointStore:

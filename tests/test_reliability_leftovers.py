@@ -17,7 +17,7 @@ from _reliability import count, record, rng, wait_for_phase, zygote  # noqa: F40
 
 from torchckpt import CheckpointStore
 from torchckpt.errors import CheckpointInUseError
-from torchckpt.store import TRASH_PREFIX
+from torchckpt.layout import TRASH_PREFIX
 
 
 def _tree(root: Path) -> dict[str, tuple]:

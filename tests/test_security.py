@@ -28,7 +28,8 @@ from torchckpt.errors import (
     ManifestError,
     UnsafeCheckpointError,
 )
-from torchckpt.manifest import MANIFEST_NAME, MAX_METADATA_BYTES
+from torchckpt.layout import MANIFEST_NAME
+from torchckpt.manifest import MAX_METADATA_BYTES
 
 
 class Evil:

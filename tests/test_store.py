@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from torchckpt import CheckpointStore, LatestFallbackWarning
-from torchckpt._fileio import is_tmp_name
 from torchckpt.errors import (
     CheckpointInUseError,
     CorruptCheckpointError,
@@ -16,7 +15,7 @@ from torchckpt.errors import (
     StoreLockedError,
     TagNotFoundError,
 )
-from torchckpt.manifest import MANIFEST_NAME
+from torchckpt.layout import MANIFEST_NAME, is_tmp_name
 
 
 def save(store, tag, value=1.0, *, commit=True, save_latest=True, metadata=None):

@@ -19,7 +19,6 @@ import mmap
 import os
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +26,13 @@ from pathlib import Path
 import xxhash
 
 from .errors import WriteError
+from .layout import tmp_name
 
-#: Temporary files carry this infix; gc recognises leftovers by it.
-TMP_INFIX = ".tmp-"
 CHECKSUM_ALGO = "xxh3_128"
 _READ_CHUNK = 16 << 20
 #: Start the disk write-out of every this many bytes while the rest is still being written.
 WRITEBACK_EVERY = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages, do not wait
-
-
-def tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def is_tmp_name(name: str) -> bool:
-    return name.startswith(".") and TMP_INFIX in name
 
 
 class HashingWriter:

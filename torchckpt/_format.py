@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .deepspeed.layout import origin
+from .layout import origin
 
 if TYPE_CHECKING:
     from .store import CheckpointInfo

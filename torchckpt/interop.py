@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import serialization
-from ._fileio import fsync_dir, tmp_name
+from ._fileio import fsync_dir
 from .errors import TorchckptError
 from .file_structure import inspect_file
+from .layout import object_file, tmp_name
 from .manifest import (
     Manifest,
     read_manifest,
@@ -311,7 +312,7 @@ def import_safetensors(
     with safe_open(str(src), framework="pt", device="cpu") as f:
         meta = dict(f.metadata() or {})
     tensors = load_file(str(src), device="cpu")
-    relpath = f"objects/{key}.pt"
+    relpath = object_file(key)
     metadata: dict[str, Any] = {
         "format": NOTEBOOK_FORMAT,
         "note": note if note is not None else f"imported from {src.name}",

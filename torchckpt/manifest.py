@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -18,31 +17,11 @@ from typing import Any
 
 from ._fileio import fsync_dir, write_bytes_atomic
 from .errors import InvalidTagError, ManifestError
+from .layout import LATEST_NAME, MANIFEST_NAME, RESERVED_PREFIX
 
-MANIFEST_NAME = "torchckpt-manifest.json"
-LATEST_NAME = "latest"
 FORMAT = "torchckpt/1"
-#: Names starting with this prefix are torchckpt's own bookkeeping, never checkpoint data.
-RESERVED_PREFIX = ".torchckpt"
-#: In the root: the lock held while a manifest, `latest` or a deletion is written; deletions in progress.
-LOCK_NAME = ".torchckpt.lock"
-TRASH_PREFIX = ".torchckpt-trash-"
-#: In a tag: flock'd by every process writing it; a rank's file list between its writes and the commit.
-WRITING_NAME = ".torchckpt-writing"
-RANK_PART_PREFIX = ".torchckpt-rank-"
-RANK_PART = RANK_PART_PREFIX + "{rank:05d}.json"
 MAX_TAG_LENGTH = 200
 MAX_METADATA_BYTES = 1 << 20
-
-
-def started_by_torchckpt(tag_dir: Path) -> bool:
-    """Whether torchckpt committed or began writing this tag directory (its manifest, writing marker
-    or a rank's file list is there), as opposed to DeepSpeed's own engine or another tool."""
-    try:
-        names = os.listdir(tag_dir)
-    except OSError:
-        return False
-    return MANIFEST_NAME in names or WRITING_NAME in names or any(n.startswith(RANK_PART_PREFIX) for n in names)
 
 
 def validate_tag(tag: object) -> str:

@@ -45,6 +45,7 @@ from .errors import (
     TagExistsError,
     TorchckptError,
 )
+from .layout import RNG_FILE, object_file
 from .manifest import check_metadata, validate_tag
 from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyReport
 
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "torchckpt-notebook/1"
-OBJECTS_DIR = "objects"
-RNG_FILE = "rng.pt"
 #: Saves and loads of at least this many bytes show a progress bar when ``progress=None``.
 PROGRESS_MIN_BYTES = 256 << 20
 
@@ -957,7 +956,7 @@ def _file_names(names: Iterable[str]) -> dict[str, str]:
             n += 1
             stem = f"{name}-{n}"
         taken.add(stem.lower())
-        files[name] = f"{OBJECTS_DIR}/{stem}.pt"
+        files[name] = object_file(stem)
     return files
 
 

@@ -30,10 +30,8 @@ from ._fileio import (
     atomic_writer,
     checksum_file,
     fsync_dir,
-    is_tmp_name,
     write_bytes_atomic,
 )
-from .deepspeed.layout import origin
 from .errors import (
     CheckpointInUseError,
     CommitError,
@@ -45,20 +43,24 @@ from .errors import (
     TorchckptError,
     WriteError,
 )
-from .manifest import (
+from .layout import (
     LATEST_NAME,
     LOCK_NAME,
     MANIFEST_NAME,
-    RANK_PART,
     RESERVED_PREFIX,
     TRASH_PREFIX,
     WRITING_NAME,
+    is_tmp_name,
+    origin,
+    rank_part_name,
+    started_by_torchckpt,
+)
+from .manifest import (
     FileRecord,
     Manifest,
     check_metadata,
     current_versions,
     read_manifest,
-    started_by_torchckpt,
     validate_relpath,
     validate_tag,
     write_manifest,
@@ -846,7 +848,7 @@ class Transaction:
         from dataclasses import asdict
 
         part = {"rank": self.coordinator.rank, "files": [asdict(r) for r in self._records.values()]}
-        write_bytes_atomic(self.dir / RANK_PART.format(rank=self.coordinator.rank), json.dumps(part).encode())
+        write_bytes_atomic(self.dir / rank_part_name(self.coordinator.rank), json.dumps(part).encode())
         fsync_dir(self.dir)
 
     def _gather_records(self) -> dict[str, FileRecord]:
@@ -854,7 +856,7 @@ class Transaction:
 
         records = dict(self._records)
         for rank in range(1, self.coordinator.world_size):
-            part_path = self.dir / RANK_PART.format(rank=rank)
+            part_path = self.dir / rank_part_name(rank)
             try:
                 part = json.loads(part_path.read_text())
             except (OSError, ValueError) as e:
@@ -897,7 +899,7 @@ class Transaction:
                     raise
         for rank in range(self.coordinator.world_size):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / RANK_PART.format(rank=rank))
+                os.unlink(self.dir / rank_part_name(rank))
         return manifest
 
     def abort(self) -> None:

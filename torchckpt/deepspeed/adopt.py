@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._fileio import checksum_file
 from ..errors import CheckpointInUseError, TorchckptError
+from ..layout import LATEST_NAME, origin
 from ..manifest import (
-    LATEST_NAME,
     FileRecord,
     Manifest,
     current_versions,
@@ -25,7 +25,6 @@ from ..manifest import (
     validate_tag,
     write_manifest,
 )
-from .layout import origin
 
 if TYPE_CHECKING:
     from .. import serialization

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import deepspeed
+import torch
 
 try:
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
@@ -37,7 +37,8 @@ from deepspeed.utils import log_dist
 from .._fileio import atomic_writer, fsync_dir
 from ..async_writer import AsyncWriter
 from ..errors import CommitError, TorchckptError
-from ..manifest import MANIFEST_NAME, validate_tag
+from ..layout import MANIFEST_NAME
+from ..manifest import validate_tag
 from ..store import CheckpointStore, Transaction, load_unmanaged
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import TorchckptError
-from ..manifest import LATEST_NAME, started_by_torchckpt, validate_tag
+from ..layout import LATEST_NAME, origin, started_by_torchckpt
+from ..manifest import validate_tag
 from ..store import CheckpointStore
-from .layout import origin
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and its pattern
 TRAINER_STATE_NAME = "trainer_state.json"
