@@ -36,6 +36,11 @@ class HeldExecutor(Executor):
             future, job = self.jobs.pop(0)
             future.set_result(job())
 
+    def cancel_all(self):
+        """Drop the jobs a failed test left queued, so that closing its panel does not wait for them."""
+        while self.jobs:
+            self.jobs.pop(0)[0].cancel()
+
 
 class FakeShell:
     """What the panel uses of IPython: the user namespace and the event hooks."""
@@ -70,6 +75,8 @@ def make_panel(root, ns):
 
     yield make
     for p in panels:
+        if isinstance(p._executor, HeldExecutor):
+            p._executor.cancel_all()
         p.close()
 
 
@@ -160,9 +167,14 @@ def test_buttons_follow_the_selection_and_the_tag(make_panel):
     assert "save" not in enabled(p)
 
 
-def test_background_work_disables_buttons_and_does_not_block(make_panel, ns):
+def test_background_work_disables_buttons_and_does_not_block(make_panel, ns, monkeypatch):
     held = HeldExecutor()
     p = make_panel(executor=held)
+    # The Checkpointer commits on a thread of its own: hold that commit too, or a fast machine
+    # commits 'bg' before the assertions below look at it.
+    gate = threading.Event()
+    commit = p.checkpointer._commit_now
+    monkeypatch.setattr(p.checkpointer, "_commit_now", lambda pending: gate.wait(60) and commit(pending))
     p.tag_input.value = "bg"
     p.save_button.click()  # returns after the snapshot; the writes and the commit are queued
     assert p.busy == "save"
@@ -175,6 +187,7 @@ def test_background_work_disables_buttons_and_does_not_block(make_panel, ns):
     saved_weight = ns["model"][0].weight.detach().clone()
     with torch.no_grad():
         ns["model"][0].weight.zero_()
+    gate.set()
     held.run_all()
     assert p.busy is None and "committed" in p.rows["bg"].cells["status"].value
     assert enabled(p) >= {"save", "load"}
