@@ -37,6 +37,7 @@ is kept). ``benchmarks/analysis.md`` (hand-written) is copied in below the table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as dt
 import gc
@@ -99,10 +100,8 @@ def _status() -> dict[str, int]:
 def release_free_heap() -> None:
     """Return the C allocator's free memory to the OS (glibc ``malloc_trim``), so that memory a
     contender allocates shows up in RSS instead of reusing what an earlier one freed."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def reset_peak() -> None:
@@ -503,7 +502,7 @@ class Floor:
 
     def measure(self) -> dict[str, float]:
         t0 = now()
-        for d, v in zip(self.dst, self.src):
+        for d, v in zip(self.dst, self.src, strict=False):
             if self.device == "cuda":
                 d.copy_(v, non_blocking=True)
             else:  # one memcpy per tensor, as a C program would do it
@@ -676,7 +675,7 @@ def target_ratios(results: dict, state: str, contender: str, metric: str, base: 
     others = s["floor_runs"] if base[0] == "floor" else s["runs"].get(base[0])
     if not others or base[1] not in others[0]:
         return None
-    return [a[metric] / b[base[1]] for a, b in zip(ours, others)]
+    return [a[metric] / b[base[1]] for a, b in zip(ours, others, strict=False)]
 
 
 def target_rows(results: dict) -> list[str]:
@@ -693,7 +692,7 @@ def target_rows(results: dict) -> list[str]:
             verdict = "yes" if value <= goal else f"**no**, {value / goal:.2f}× the goal"
             floor = "–"
             if bound is not None and base[0] in s["runs"]:
-                ratios = [f[bound[1]] / b[base[1]] for f, b in zip(s["floor_runs"], s["runs"][base[0]])]
+                ratios = [f[bound[1]] / b[base[1]] for f, b in zip(s["floor_runs"], s["runs"][base[0]], strict=False)]
                 what = {"verify": "hashing + touching the bytes", "write": "write + fsync of the bytes"}[bound[1]]
                 floor = f"{statistics.median(ratios):.2f} ({what})"
             lines.append(f"| {label} | {state} | {value:.2f} {unit} | {min(values):.2f}–{max(values):.2f} | "
@@ -712,7 +711,7 @@ def chart(results: dict, path: Path) -> None:
     metrics = [("stall", "caller stall (s)"), ("durable", "time until durable (s)"), ("load", "load + touch (s)")]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     width = 0.8 / len(names)
-    for ax, (metric, title) in zip(axes, metrics):
+    for ax, (metric, title) in zip(axes, metrics, strict=False):
         for i, name in enumerate(names):
             values = [results["states"][s]["median"].get(name, {}).get(metric, 0) for s in states]
             ax.bar([x + i * width for x in range(len(states))], values, width, label=name)

@@ -179,7 +179,7 @@ def table(runs: dict[float, list[dict]], args: argparse.Namespace) -> str:
     for params_m, results in runs.items():
 
         def slowest(mode: str, key: str, results=results) -> list[float]:
-            return [max(row[key] for row in rows) for rows in zip(*(r["modes"][mode] for r in results))]
+            return [max(row[key] for row in rows) for rows in zip(*(r["modes"][mode] for r in results), strict=False)]
 
         def median_of(mode: str, key: str) -> float:
             return statistics.median(slowest(mode, key))

@@ -33,10 +33,9 @@ def test_atomic_writer_publishes_only_on_success(tmp_path):
 def test_atomic_writer_failure_keeps_old_file_and_removes_tmp(tmp_path):
     final = tmp_path / "f.bin"
     final.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_writer(final) as w:
-            w.write(b"new partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_writer(final) as w:
+        w.write(b"new partial")
+        raise RuntimeError("boom")
     assert final.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [final]
 
@@ -88,15 +87,13 @@ def test_file_too_large_is_a_clear_write_error(tmp_path):
 def test_unwritable_directory_is_a_write_error(tmp_path):
     if os.geteuid() == 0:
         missing = tmp_path / "no" / "such" / "dir" / "f"
-        with pytest.raises(WriteError, match="writing .* failed|cannot write"):
-            with atomic_writer(missing) as w:
-                w.write(b"x")
+        with pytest.raises(WriteError, match="writing .* failed|cannot write"), atomic_writer(missing) as w:
+            w.write(b"x")
     else:
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        with pytest.raises(WriteError, match="cannot write"):
-            with atomic_writer(ro / "f") as w:
-                w.write(b"x")
+        with pytest.raises(WriteError, match="cannot write"), atomic_writer(ro / "f") as w:
+            w.write(b"x")
 
 
 def test_hashing_writer_starts_write_out_as_it_goes(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def states_equal(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b, strict=False))
     return a == b
 
 

@@ -127,10 +127,11 @@ def _fill(mnt: Path, leave: int) -> None:
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_disk_full_while_writing_data(small_fs, mode):
     store = _good(small_fs / "ckpts")
-    with pytest.raises(WriteError, match=r"no space left on the device while writing .*big\.pt: free space there") as caught:
-        with store.transaction("big", writer=AsyncWriter() if mode == "async" else None) as tx:
-            tx.write("big.pt", {"w": torch.zeros(1 << 19)})  # 2 MiB on a 1 MiB filesystem
-            tx.commit()
+    full = r"no space left on the device while writing .*big\.pt: free space there"
+    writer = AsyncWriter() if mode == "async" else None
+    with pytest.raises(WriteError, match=full) as caught, store.transaction("big", writer=writer) as tx:
+        tx.write("big.pt", {"w": torch.zeros(1 << 19)})  # 2 MiB on a 1 MiB filesystem
+        tx.commit()
     _assert_intact(store, "big")
     record("disk", kind="tmpfs full: data file", mode=mode, error=str(caught.value).replace(str(store.root), "ROOT"), ok=True)
 

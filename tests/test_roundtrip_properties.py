@@ -131,7 +131,7 @@ def states(draw):
         keys = draw(st.lists(st.text(min_size=1, max_size=8), min_size=len(parts), max_size=len(parts), unique=True))
         if kind == "intdict":
             return {i * 7: p for i, p in enumerate(parts)}
-        return (collections.OrderedDict if kind == "ordered" else dict)(zip(keys, parts))
+        return (collections.OrderedDict if kind == "ordered" else dict)(zip(keys, parts, strict=False))
 
     return {"state": build(list(leaves), 0), "step": draw(st.integers(0, 10**6))}
 
@@ -150,7 +150,7 @@ def _tensors(obj, out: list) -> list:
 
 def _layout(t: torch.Tensor) -> tuple:
     """Strides where they mean something (torch ignores a size-1 dimension's stride)."""
-    return tuple(st if size > 1 else None for size, st in zip(t.shape, t.stride())), t.is_contiguous()
+    return tuple(st if size > 1 else None for size, st in zip(t.shape, t.stride(), strict=False)), t.is_contiguous()
 
 
 def _bytes(t: torch.Tensor) -> list[int]:
@@ -174,7 +174,7 @@ def _assert_same(got, want, path="state") -> None:
             _assert_same(got[k], want[k], f"{path}[{k!r}]")
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
             _assert_same(g, w, f"{path}[{i}]")
     elif isinstance(want, float) and math.isnan(want):
         assert math.isnan(got), path

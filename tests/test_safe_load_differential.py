@@ -260,7 +260,7 @@ def same(a, b, seen=None) -> None:
         return
     if isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             same(x, y, seen)
         return
     if isinstance(a, torch.storage.TypedStorage):

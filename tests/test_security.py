@@ -89,10 +89,7 @@ def marker(tmp_path):
 @pytest.mark.parametrize("payload", list(_payloads(Path("x"))))
 def test_hostile_pickle_is_refused_and_nothing_runs(root, marker, payload, fmt):
     obj = _payloads(marker)[payload]
-    if fmt == "raw pickle":
-        data = pickle.dumps(obj, protocol=2)
-    else:
-        data = _torch_bytes(obj, legacy=fmt == "legacy")
+    data = pickle.dumps(obj, protocol=2) if fmt == "raw pickle" else _torch_bytes(obj, legacy=fmt == "legacy")
     store = CheckpointStore(root)
     _write_raw(store, "t", {"model.pt": data})
     assert store.verify("t").ok

@@ -59,10 +59,9 @@ def test_nothing_visible_before_commit(root):
 
 def test_abort_leaves_incomplete_tag_and_no_tmp_files(root):
     store = CheckpointStore(root)
-    with pytest.raises(RuntimeError):
-        with store.transaction("x") as tx:
-            tx.write("model.pt", {"w": torch.zeros(1)})
-            raise RuntimeError("user code failed")
+    with pytest.raises(RuntimeError), store.transaction("x") as tx:
+        tx.write("model.pt", {"w": torch.zeros(1)})
+        raise RuntimeError("user code failed")
     info = store.info("x")
     assert info.status == "incomplete"
     assert not [p for p in (root / "x").iterdir() if is_tmp_name(p.name)]

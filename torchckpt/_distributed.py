@@ -3,8 +3,8 @@
 :meth:`torchckpt.store.Transaction.commit` asks every rank for its outcome twice: at step
 ``"write"`` (are my files durable, is my part of the manifest written?) and at step ``"commit"``
 (did rank 0 write the manifest and ``latest``?). Before that, the DeepSpeed engine exchanges one
-report per rank at step ``"start"`` (its tag, whether it saved into the tag, a save that failed). :class:`TorchDistributedCoordinator` answers on
-every rank with every rank's error, or fails clearly, naming the rank:
+report per rank at step ``"start"`` (its tag, whether it saved into the tag, a save that failed).
+:class:`TorchDistributedCoordinator` answers on every rank with every rank's error, or fails clearly, naming the rank:
 
 1. every rank publishes its outcome under ``torchckpt/<restart>/<commit>/<step>/r<rank>``;
 2. rank 0 waits for all of them, then publishes the decision (the list of every rank's error,
@@ -114,7 +114,8 @@ class TorchDistributedCoordinator:
         rank's error. Never raises for what other ranks do, never waits past the deadline.
         """
         values, missing = self.exchange(error, step=step)
-        return [why if why is not None else (None if v is None else str(v)) for v, why in zip(values, missing)]
+        return [why if why is not None else (None if v is None else str(v))
+                for v, why in zip(values, missing, strict=False)]
 
     def exchange(self, value: Any, *, step: str) -> tuple[list[Any], list[str | None]]:
         """Publish this rank's JSON-able ``value`` for ``step``; return every rank's value, and for
@@ -138,7 +139,7 @@ class TorchDistributedCoordinator:
         values: list[Any] = [None] * self.world_size
         missing: list[str | None] = [None] * self.world_size
         present = [r for r in range(self.world_size) if r not in late]
-        for r, raw in zip(present, self._get_many([keys[r] for r in present])):
+        for r, raw in zip(present, self._get_many([keys[r] for r in present]), strict=False):
             try:
                 values[r] = json.loads(raw)
             except ValueError:

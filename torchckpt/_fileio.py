@@ -111,7 +111,8 @@ def describe_os_error(err: OSError, path: Path) -> str:
     if err.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}: free space there or save to another root"
     if err.errno == errno.EFBIG:
-        return f"file too large while writing {path}: the file-size limit (ulimit -f) or the filesystem's maximum was reached"
+        return (f"file too large while writing {path}: the file-size limit (ulimit -f) or the filesystem's maximum "
+                "was reached")
     if err.errno == errno.EDQUOT:
         return f"disk quota exceeded while writing {path}: free space in your quota or save elsewhere"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -80,7 +80,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: 
     widths = [max(_format.width(r[i]) for r in cells) for i in range(len(headers))]
     lines = [title] if title else []
     for n, row in enumerate(cells):
-        lines.append("  ".join(_format.pad(c, w) for c, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(_format.pad(c, w) for c, w in zip(row, widths, strict=False)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

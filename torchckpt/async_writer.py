@@ -163,7 +163,8 @@ def _pin(address: int, nbytes: int) -> bool:
         logger.warning("could not pin %d bytes of snapshot memory (%s); device copies will be synchronous", nbytes, e)
         return False
     if err != 0:
-        logger.warning("cudaHostRegister failed (error %d); device copies into snapshot memory will be synchronous", err)
+        logger.warning("cudaHostRegister failed (error %d); device copies into snapshot memory will be "
+                       "synchronous", err)
         return False
     return True
 
@@ -244,7 +245,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
         return start, start
     if t.is_contiguous():
         return start, start + numel * elem
-    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=False))
     return start, start + (last + 1) * elem
 
 
@@ -479,7 +480,8 @@ class AsyncWriter:
             storage = storages.get(d.span)
             if storage is None:  # one storage per group, as the source tensors shared theirs
                 offset, size = d.span
-                storage = storages[d.span] = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=offset).untyped_storage()
+                raw = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=offset)
+                storage = storages[d.span] = raw.untyped_storage()
             t = torch.empty(0, dtype=d.dtype).set_(storage, d.offset, d.shape, d.stride)
             if d.param:
                 t = torch.nn.Parameter(t, requires_grad=d.requires_grad)

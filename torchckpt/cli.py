@@ -1,9 +1,9 @@
 """``torchckpt``: look after checkpoints from a terminal, CI or a job script.
 
 A thin shell over :class:`~torchckpt.store.CheckpointStore`, :mod:`torchckpt.file_structure`,
-:mod:`torchckpt.interop`, :mod:`torchckpt.deepspeed.adopt` and :mod:`torchckpt.diff`: it parses, calls, renders and maps errors to
-exit codes. Nothing heavy is imported before a command runs (``--help`` imports neither torch nor
-deepspeed; deepspeed only when a checkpoint being loaded needs its classes).
+:mod:`torchckpt.interop`, :mod:`torchckpt.deepspeed.adopt` and :mod:`torchckpt.diff`: it parses, calls,
+renders and maps errors to exit codes. Nothing heavy is imported before a command runs (``--help``
+imports neither torch nor deepspeed; deepspeed only when a checkpoint being loaded needs its classes).
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.problem:
         lines.append(f"problem:    {info.problem}")
     if facts["status"] == "deepspeed":
-        lines.append(f"adopt:      torchckpt adopt {args.root} {info.tag}   (checks every file loads, writes a manifest)")
+        lines.append(f"adopt:      torchckpt adopt {args.root} {info.tag}   (checks every file loads, writes a "
+                     "manifest)")
     if info.manifest is not None:
         m = info.manifest
         lines.append(f"world size: {m.world_size}")
@@ -214,14 +215,16 @@ def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
 
     if s.error:
         return [f"{rel}: ERROR {s.error}"]
-    out = [f"{rel}: {s.format} format, {_plural(len(s.tensors), 'tensor')}, {_format.human_size(s.tensor_bytes)} of tensor data"]
+    out = [f"{rel}: {s.format} format, {_plural(len(s.tensors), 'tensor')}, {_format.human_size(s.tensor_bytes)} of "
+           "tensor data"]
     if s.tensors:
         rows = [
             {"name": t.name, "shape": "[" + ", ".join(map(str, t.shape)) + "]", "dtype": t.dtype,
-             "device": t.device or "-", "kind": ("parameter" if t.parameter else "") + ("" if t.kind == "tensor" else t.kind)}
+             "device": t.device or "-",
+             "kind": ("parameter" if t.parameter else "") + ("" if t.kind == "tensor" else t.kind)}
             for t in s.tensors
         ]  # fmt: skip
-        cols = ("name", "shape", "dtype", "device", "kind") if any(r["kind"] for r in rows) else ("name", "shape", "dtype", "device")
+        cols = ("name", "shape", "dtype", "device") + (("kind",) if any(r["kind"] for r in rows) else ())
         out += ["  " + line for line in _format.render_table(rows, cols).splitlines()]
     limit = None if all_values else 12
     values = s.values if limit is None else s.values[:limit]
@@ -244,10 +247,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.all and args.tag:
         raise CliError("give a TAG or --all, not both")
     results = []
-    if args.all:
-        targets = store.list()
-    else:
-        targets = [store.info(_tag(store, args.tag))]
+    targets = store.list() if args.all else [store.info(_tag(store, args.tag))]
     for info in targets:
         status = _format.status(info)
         if info.in_flight:
@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, description: str = "") -> argparse.ArgumentParser:
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                description: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description or help)
         p.set_defaults(func=func)
         p.add_argument("root", metavar="ROOT", help="the checkpoint root directory")
@@ -411,12 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from_format = "\n".join(f"  {k:<11} {v}" for k, v in _status_meanings().items())
     p = command("ls", cmd_ls, "list the checkpoints of a root",
-                "List every tag: created, size, step, metrics, note, status, latest (*).\n\nstatus:\n" + from_format)  # fmt: skip
+                "List every tag: created, size, step, metrics, note, status, latest "
+                "(*).\n\nstatus:\n" + from_format)  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("info", cmd_info, "show a checkpoint's manifest, files and tensors (no tensor data is read)",
                 "Show a tag's manifest, its files and every tensor in them (name, shape, dtype, the device it was "
-                "saved on),\nread from the files' structure: no tensor data is loaded, and no pickled code runs.")  # fmt: skip
+                "saved on),\nread from the files' structure: no tensor data is loaded, and no pickled code "
+                "runs.")  # fmt: skip
     p.add_argument("tag", metavar="TAG", help="the tag (or 'latest')")
     p.add_argument("--file", metavar="FILE", help="only this file of the tag")
     p.add_argument("--files-only", action="store_true", help="list files, not tensors")
@@ -474,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("adopt", cmd_adopt, "write a manifest for a checkpoint DeepSpeed's own engine wrote",
                 "Load every file of a tag that has no manifest (safely, weights-only, on CPU) to check it, then\n"
-                "write its manifest: from then on it is verified and managed like any committed checkpoint.")  # fmt: skip
+                "write its manifest: from then on it is verified and managed like any committed "
+                "checkpoint.")  # fmt: skip
     p.add_argument("tag", metavar="TAG", nargs="?", help="the tag to adopt")
     p.add_argument("--all", action="store_true", help="adopt every tag DeepSpeed's own engine wrote")
     p.add_argument("--note", help="the manifest's note (default: where it came from)")
@@ -485,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow", action="append", default=[], metavar="MODULE.NAME",
                    help="a global safe loading may allow (repeatable)")  # fmt: skip
-    p.add_argument("--trusted", action="store_true", help="load with weights_only=False: runs pickled code, trusted files only")
+    p.add_argument("--trusted", action="store_true", help="load with weights_only=False: runs pickled code, trusted "
+                                                          "files only")
 
 
 def _status_meanings() -> dict[str, str]:

@@ -474,7 +474,8 @@ def inspect_file(path: str | os.PathLike) -> FileStructure:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, struct.error, zipfile.BadZipFile, RecursionError, MemoryError, OSError) as e:  # fmt: skip
         fmt = "zip" if head.startswith(b"PK") else "legacy" if head[:1] == b"\x80" else "unknown"
-        return FileStructure(path, fmt, size, error=f"{path.name} is not a readable torch.save file: {type(e).__name__}: {e}")
+        return FileStructure(path, fmt, size, error=f"{path.name} is not a readable torch.save file: "
+                                                    f"{type(e).__name__}: {e}")
     return FileStructure(
         path, "unknown", size, error=f"{path.name} is neither a torch.save file (zip or legacy) nor a safetensors file"
     )
@@ -495,7 +496,8 @@ def _inspect_zip(path: Path, size: int) -> FileStructure:
             return FileStructure(path, "zip", size, error=f"{path.name} is a zip file without data.pkl{hint}")
         info = zf.getinfo(pkl[0])
         if info.file_size > MAX_PICKLE_BYTES:
-            return FileStructure(path, "zip", size, error=f"{path.name}: data.pkl is {info.file_size} bytes, over the inspection limit")
+            return FileStructure(path, "zip", size, error=f"{path.name}: data.pkl is {info.file_size} bytes, over "
+                                                          "the inspection limit")
         prefix = pkl[0][: -len("data.pkl")]
         unpickler = _InertUnpickler(io.BytesIO(_read_member(zf, path, info)))
         root = unpickler.load()
@@ -534,7 +536,8 @@ def _inspect_legacy(path: Path, size: int) -> FileStructure:
         header = _InertUnpickler(f)
         magic = header.load()
         if magic != _LEGACY_MAGIC:
-            return FileStructure(path, "unknown", size, error=f"{path.name} is a pickle, not a torch.save file (no magic number)")
+            return FileStructure(path, "unknown", size, error=f"{path.name} is a pickle, not a torch.save file (no "
+                                                              "magic number)")
         protocol = header.load()
         if protocol != _LEGACY_PROTOCOL:
             return FileStructure(path, "legacy", size, error=f"{path.name}: unsupported legacy protocol {protocol!r}")
@@ -571,7 +574,8 @@ def _inspect_safetensors(path: Path, size: int) -> FileStructure:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > min(size - 8, MAX_SAFETENSORS_HEADER):
-            return FileStructure(path, "safetensors", size, error=f"{path.name}: header length {n} is impossible (truncated file?)")
+            return FileStructure(path, "safetensors", size, error=f"{path.name}: header length {n} is impossible "
+                                                                  "(truncated file?)")
         header = json.loads(f.read(n))
     tensors, values = [], []
     data_bytes = 0
@@ -586,7 +590,8 @@ def _inspect_safetensors(path: Path, size: int) -> FileStructure:
     notes = ["safetensors does not record the device tensors were saved on"]
     if 8 + n + data_bytes != size:
         notes.append(f"file is {size} bytes but its header describes {8 + n + data_bytes}: truncated or padded")
-    return FileStructure(path, "safetensors", size, tensors, values, [], {t.name: t.nbytes or 0 for t in tensors}, notes)
+    nbytes = {t.name: t.nbytes or 0 for t in tensors}
+    return FileStructure(path, "safetensors", size, tensors, values, [], nbytes, notes)
 
 
 _TORCH_OWN = {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray", "builtins.set",

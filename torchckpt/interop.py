@@ -84,14 +84,16 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
     files = _files_of(store, tag)
     manifest = read_manifest(store.root / tag)
     listed = manifest.metadata.get("objects") if manifest is not None else None
-    objects = {n: o["file"] for n, o in listed.items() if isinstance(o, dict) and o.get("file") in files} if isinstance(listed, dict) else {}
+    objects = ({n: o["file"] for n, o in listed.items() if isinstance(o, dict) and o.get("file") in files}
+               if isinstance(listed, dict) else {})
     if key in objects:  # a notebook save: objects/<key>.pt
         return objects[key], []
     by_name = [f for f in files if f == key or (Path(f).stem == key and Path(f).suffix in _WEIGHT_SUFFIXES)]
     if len(by_name) == 1:
         return by_name[0], []
     if len(by_name) > 1:
-        raise ExportError(f"checkpoint {tag!r} has several files named {key!r}: {', '.join(by_name)}; pass the full file name as --key")
+        raise ExportError(f"checkpoint {tag!r} has several files named {key!r}: {', '.join(by_name)}; pass the full "
+                          "file name as --key")
     if key in ("model", "module"):
         if any(_ZERO3_MODEL_FILE.match(Path(f).name) for f in files):
             raise ExportError(_zero3_message(tag))
@@ -104,7 +106,8 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
                 "parallel); export handles one model file - consolidate the checkpoint first"
             )
     if objects:  # a notebook save: its objects are what there is to export
-        raise ExportError(f"checkpoint {tag!r} has no object {key!r}; --key can be one of: {', '.join(sorted(objects))}")
+        raise ExportError(f"checkpoint {tag!r} has no object {key!r}; --key can be one of: "
+                          f"{', '.join(sorted(objects))}")
     holders = []
     tops: set[str] = set()
     for f in files:
@@ -116,7 +119,8 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
     if len(holders) == 1:
         return holders[0], [key]
     if len(holders) > 1:
-        raise ExportError(f"checkpoint {tag!r} has {key!r} in several files ({', '.join(holders)}); name one as --key FILE")
+        raise ExportError(f"checkpoint {tag!r} has {key!r} in several files ({', '.join(holders)}); name one as "
+                          "--key FILE")
     names = sorted({Path(f).stem for f in files} | tops)
     raise ExportError(f"checkpoint {tag!r} has no {key!r} weights; --key can be one of: {', '.join(names) or '(none)'}")
 
@@ -308,7 +312,8 @@ def import_safetensors(
         raise ExportError(f"checkpoint {tag!r} exists already in {store.root}; choose another tag, or remove it first")
     structure = inspect_file(src)
     if structure.format != "safetensors" or structure.error:
-        raise ExportError(f"{src} is not a safetensors file ({structure.error or structure.format}); export one with `torchckpt export`")
+        raise ExportError(f"{src} is not a safetensors file ({structure.error or structure.format}); export one with "
+                          "`torchckpt export`")
     with safe_open(str(src), framework="pt", device="cpu") as f:
         meta = dict(f.metadata() or {})
     tensors = load_file(str(src), device="cpu")

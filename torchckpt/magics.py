@@ -593,7 +593,8 @@ def unload_ipython_extension(ip) -> None:
     if old is None:
         return
     manager.registry.pop(CkptMagics.__name__, None)
-    if manager.magics["line"].get("ckpt") is not None and getattr(manager.magics["line"]["ckpt"], "__self__", None) is old:
+    current = manager.magics["line"].get("ckpt")
+    if current is not None and getattr(current, "__self__", None) is old:
         del manager.magics["line"]["ckpt"]
     with contextlib.suppress(ValueError):
         ip.events.unregister("post_run_cell", old.post_run_cell)

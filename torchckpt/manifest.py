@@ -88,7 +88,8 @@ def _reject(obj: object) -> Any:
         try:
             value = obj.item()
         except (RuntimeError, ValueError) as e:  # a tensor of several elements
-            raise TypeError(f"{type(obj).__name__} of shape {tuple(getattr(obj, 'shape', ()))} is not JSON ({e})") from e
+            raise TypeError(f"{type(obj).__name__} of shape {tuple(getattr(obj, 'shape', ()))} is not JSON "
+                            f"({e})") from e
         if isinstance(value, (int, float, bool)) and not (isinstance(value, float) and not math.isfinite(value)):
             return value
     raise TypeError(f"{type(obj).__name__} value {obj!r} is not JSON")
@@ -131,7 +132,8 @@ class Manifest:
         try:
             doc = json.loads(text)
         except ValueError as e:
-            raise ManifestError(f"manifest {source} is not valid JSON ({e}); the tag is unusable until it is re-saved") from e
+            raise ManifestError(f"manifest {source} is not valid JSON ({e}); the tag is unusable until it is "
+                                "re-saved") from e
         except RecursionError as e:  # a crafted manifest must not break listing the whole root
             raise ManifestError(f"manifest {source} is nested too deeply to be a torchckpt manifest") from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -171,7 +173,8 @@ def read_manifest(tag_dir: Path) -> Manifest | None:
         raise ManifestError(f"manifest {path} is not UTF-8 text; the tag is unusable until it is re-saved") from e
     manifest = Manifest.from_json(text, source=str(path))
     if manifest.tag != tag_dir.name:
-        raise ManifestError(f"manifest {path} names tag {manifest.tag!r}, not {tag_dir.name!r}: it was copied or edited")
+        raise ManifestError(f"manifest {path} names tag {manifest.tag!r}, not {tag_dir.name!r}: it was copied or "
+                            "edited")
     return manifest
 
 

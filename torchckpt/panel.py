@@ -370,7 +370,8 @@ class CheckpointPanel:
                             quote=True)
         cells = {name: html.escape(row[name]) for name, _, _ in _COLUMNS}
         cells["tag"] = f"<code>{cells['tag']}</code>" + (_LATEST_BADGE if info.is_latest else "")
-        cells["note"] = f'<span title="{html.escape(str(info.metadata.get("note") or ""), quote=True)}">{cells["note"]}</span>'
+        title = html.escape(str(info.metadata.get("note") or ""), quote=True)
+        cells["note"] = f'<span title="{title}">{cells["note"]}</span>'
         cells["status"] = f'<span style="color:{colour}" title="{title}">{html.escape(status)}</span>'
         return cells
 

@@ -25,8 +25,8 @@ from .errors import DeviceUnavailableError, NotTorchFileError, TorchckptError, U
 
 logger = logging.getLogger(__name__)
 
-MapLocation = Union[None, str, torch.device, dict, Callable]
-Allow = Iterable[Union[str, type, Callable]]
+MapLocation = Union[None, str, torch.device, dict, Callable]  # noqa: UP007 - a runtime alias
+Allow = Iterable[str | type | Callable]
 
 #: Globals found in checkpoints that DeepSpeed itself writes (ZeRO stages 0-3, fp16/bf16,
 #: schedulers), each a plain enum, dataclass-like value or container with no side effects.

@@ -201,7 +201,8 @@ def discover(
     for name, obj in namespace.items():
         if name.startswith("_") or name in _SKIP_NAMES or not name.isidentifier() or id(obj) in seen:
             continue
-        if isinstance(obj, (type, types.ModuleType)) or (callable(obj) and not isinstance(obj, (torch.nn.Module, Stateful))):
+        if isinstance(obj, (type, types.ModuleType)) or (
+                callable(obj) and not isinstance(obj, (torch.nn.Module, Stateful))):
             continue
         try:
             kind = kind_of(obj, max_items=MAX_AUTO_VALUE_ITEMS)
@@ -572,7 +573,8 @@ def plan_restore(
         if len(entries) != 1:
             raise RestoreError(f"into= takes exactly one object, got {len(entries)}: {', '.join(entries)}")
         if not into.isidentifier() or keyword.iskeyword(into) or into in ("True", "False", "None"):
-            raise RestoreError(f"into={into!r} is not a name a variable can have; choose another, e.g. into='{next(iter(entries))}_saved'")
+            raise RestoreError(f"into={into!r} is not a name a variable can have; choose another, e.g. "
+                               f"into='{next(iter(entries))}_saved'")
     for name, (kind, saved) in entries.items():
         live = namespace.get(name)
         step = RestoreStep(name, kind, saved, live, strict=strict)
@@ -634,7 +636,8 @@ def plan_restore(
     return RestorePlan(steps, namespace, rng=rng, warnings=notes)
 
 
-_KIND_WORDS = {"value": "a plain value", "tensor": "a tensor", "ndarray": "a NumPy array", "generator": "a torch.Generator"}
+_KIND_WORDS = {"value": "a plain value", "tensor": "a tensor", "ndarray": "a NumPy array",
+               "generator": "a torch.Generator"}
 
 
 def _replaceable(live: Any, live_kind: str | None) -> bool:
@@ -693,11 +696,11 @@ def _check_optimizer(name: str, live: torch.optim.Optimizer, saved: Any) -> list
         return [f"{name}: {len(groups)} parameter groups saved, {len(live_groups)} live"]
     problems = []
     params: dict[Any, torch.Tensor] = {}
-    for i, (g, lg) in enumerate(zip(groups, live_groups)):
+    for i, (g, lg) in enumerate(zip(groups, live_groups, strict=False)):
         if len(g["params"]) != len(lg["params"]):
             problems.append(f"{name}: group {i} has {len(g['params'])} parameters saved, {len(lg['params'])} live")
             continue
-        params.update(zip(g["params"], lg["params"]))
+        params.update(zip(g["params"], lg["params"], strict=False))
     shaped = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
               "sum", "ax", "prev", "exp_inf", "grad_avg")
     for pid, pstate in saved["state"].items():

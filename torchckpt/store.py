@@ -388,7 +388,8 @@ class CheckpointStore:
             tag, manifest = self._resolved(tag, allow_incomplete=allow_incomplete)
         except ManifestError as e:
             if verify or not allow_incomplete:
-                raise ManifestError(f"{e}; to read its files anyway, load with verify=False, allow_incomplete=True") from e
+                raise ManifestError(f"{e}; to read its files anyway, load with verify=False, "
+                                    "allow_incomplete=True") from e
             tag, manifest = self._existing(tag), None
         validate_relpath(relpath)
         path = self.root / tag / relpath
@@ -449,7 +450,8 @@ class CheckpointStore:
     def _check_deletable(self, tag: str, *, allow_latest: bool) -> bool:
         """Raise if ``tag`` may not be removed now; return whether it is ``latest``."""
         if _in_flight(self.root / tag):
-            raise CheckpointInUseError(f"checkpoint {tag!r} is being written by another process or save; wait for its commit")
+            raise CheckpointInUseError(f"checkpoint {tag!r} is being written by another process or save; wait for "
+                                       "its commit")
         is_latest = self._resolve_latest(warn=False) == tag
         if is_latest and not allow_latest:
             raise CheckpointInUseError(
@@ -587,9 +589,9 @@ def scan_files(tag_dir: Path) -> list[str]:
     found = []
     for path in tag_dir.rglob("*"):
         rel = path.relative_to(tag_dir).as_posix()
-        if path.is_file() and not path.is_symlink() and not is_tmp_name(path.name) and path.name != MANIFEST_NAME:
-            if not rel.split("/")[0].startswith(RESERVED_PREFIX):
-                found.append(rel)
+        data = path.is_file() and not path.is_symlink() and not is_tmp_name(path.name) and path.name != MANIFEST_NAME
+        if data and not rel.split("/")[0].startswith(RESERVED_PREFIX):
+            found.append(rel)
     return sorted(found)
 
 
@@ -608,8 +610,8 @@ def load_unmanaged(
     """Load a file that no manifest covers: one DeepSpeed's own engine wrote, or a bare file.
 
     Refuses a file in a tag directory torchckpt began and never committed (that is what a crash
-    mid-save leaves: ``IncompleteCheckpointError``, unless ``allow_incomplete``), a symbolic link out of its directory and
-    anything but a regular file; checks a zip file for tears (its central directory, and every
+    mid-save leaves: ``IncompleteCheckpointError``, unless ``allow_incomplete``), a symbolic link out of its
+    directory and anything but a regular file; checks a zip file for tears (its central directory, and every
     record's CRC-32); then loads it weights-only (``allow``/``trusted`` as :meth:`CheckpointStore.load`),
     warning once per directory (:class:`UnverifiedLoadWarning`) that nothing verified its bytes
     and how to adopt it.
@@ -759,12 +761,14 @@ class Transaction:
             logger.error("rank %d: writing %s failed: %s", self.coordinator.rank, relpath, e)
             text = _describe(e)
             message = text if relpath in text else f"writing {relpath} failed: {text}"
-            self._failed.append(WriteError(message) if getattr(e, "errno", None) is None else WriteError(e.errno, message))
+            code = getattr(e, "errno", None)
+            self._failed.append(WriteError(message) if code is None else WriteError(code, message))
 
     def _write(self, relpath: str, obj: Any) -> None:
         final = self.dir / relpath
         if not final.parent.resolve().is_relative_to(self.dir.resolve()):
-            raise ManifestError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not written")
+            raise ManifestError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not "
+                                "written")
         final.parent.mkdir(parents=True, exist_ok=True)
         if self.writer is not None:
             self._pending.append(self.writer.submit(final, obj, on_done=lambda w, r=relpath: self._record(r, w)))

@@ -96,7 +96,8 @@ def adopt(
     info = store.info(tag)
     tag, tag_dir = info.tag, info.path
     if info.in_flight:
-        raise CheckpointInUseError(f"checkpoint {tag!r} is being written by another process; adopt it after that finishes")
+        raise CheckpointInUseError(f"checkpoint {tag!r} is being written by another process; adopt it after that "
+                                   "finishes")
     if info.committed:
         raise AdoptError(f"checkpoint {tag!r} is committed already (it has a manifest); nothing to adopt")
     if info.problem:
@@ -118,7 +119,8 @@ def adopt(
         _check_loads(tag, rel, path, allow=allow, trusted=trusted, found=found)
         after = os.stat(path)
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
-            raise AdoptError(f"{tag}/{rel} changed while it was being checked; is a job still writing it? Adopt it when it is done")
+            raise AdoptError(f"{tag}/{rel} changed while it was being checked; is a job still writing it? Adopt it "
+                             "when it is done")
         records[rel] = FileRecord(rel, size, checksum, None)
         newest = max(newest, after.st_mtime)
 
@@ -144,7 +146,8 @@ def adopt(
     )
     with store.lock():
         if read_manifest(tag_dir) is not None:
-            raise AdoptError(f"checkpoint {tag!r} was committed by another process while it was being adopted; nothing written")
+            raise AdoptError(f"checkpoint {tag!r} was committed by another process while it was being adopted; "
+                             "nothing written")
         write_manifest(tag_dir, manifest)
     logger.info("adopted checkpoint %s in %s (%d files)", tag, store.root, len(records))
     return manifest
@@ -159,7 +162,8 @@ def _check_loads(tag: str, rel: str, path: Path, *, allow: serialization.Allow, 
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     f.get_slice(name)
         except Exception as e:  # noqa: BLE001 - any failure means the file is not adoptable
-            raise AdoptError(f"{tag}/{rel} is not a readable safetensors file ({e}); remove it or restore it from a copy") from e
+            raise AdoptError(f"{tag}/{rel} is not a readable safetensors file ({e}); remove it or restore it from a "
+                             "copy") from e
         return
     from .. import serialization  # imports torch
     from ..store import torn_zip_problem

@@ -32,7 +32,8 @@ def _check_options(options: dict[str, Any]) -> None:
     names = {f.name for f in dataclasses.fields(EngineOptions)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))}; the options are: {', '.join(sorted(names))}")
+        raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))}; the options are: "
+                        f"{', '.join(sorted(names))}")
     checked = dict(options)
     if "allow" in checked:
         checked["allow"] = tuple(checked["allow"])

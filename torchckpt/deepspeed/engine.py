@@ -211,11 +211,13 @@ class TorchCheckpointEngine(CheckpointEngine):
             return
         self._open = None
         if previous.tx is not None:
-            log_dist(f"[{ENGINE_NAME}] abandoning uncommitted checkpoint {previous.tag}", ranks=[0], level=logging.WARNING)
+            log_dist(f"[{ENGINE_NAME}] abandoning uncommitted checkpoint "
+                     f"{previous.tag}", ranks=[0], level=logging.WARNING)
             previous.tx.abort()
 
     def _coordinator(self):
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from .._distributed import TorchDistributedCoordinator
 
             return TorchDistributedCoordinator(timeout=self.options.commit_timeout)
@@ -303,13 +305,14 @@ class TorchCheckpointEngine(CheckpointEngine):
         values, missing = current.coordinator.exchange(report, step="start")
         failures = [
             f"rank {r}: {why or (v or {}).get('error')}"
-            for r, (v, why) in enumerate(zip(values, missing))
+            for r, (v, why) in enumerate(zip(values, missing, strict=False))
             if why or (v or {}).get("error")
         ]
         if failures:
             if current.tx is not None:
                 current.tx.abort()
-            raise CommitError(f"checkpoint {current.tag!r} not committed: {'; '.join(failures)}; the previous checkpoint is intact")
+            raise CommitError(f"checkpoint {current.tag!r} not committed: {'; '.join(failures)}; the previous "
+                              "checkpoint is intact")
         tags = [v["tag"] for v in values]
         if len(set(tags)) > 1:
             if current.tx is not None:
@@ -354,7 +357,8 @@ class TorchCheckpointEngine(CheckpointEngine):
         if current is None or self._writer is None:
             return None
         # At exit or destroy() a user should see it (DeepSpeed shows warnings by default, not info).
-        log_dist(f"[{ENGINE_NAME}] committing pending checkpoint {current.tag} {reason}", ranks=[0], level=logging.WARNING)
+        log_dist(f"[{ENGINE_NAME}] committing pending checkpoint {current.tag} "
+                 f"{reason}", ranks=[0], level=logging.WARNING)
         self.commit(current.info)
         return current.tag
 
@@ -436,7 +440,8 @@ def _for_this_rank(map_location: Any) -> Any:
     """``"cuda:{local_rank}"`` -> ``"cuda:1"`` on local rank 1 (LOCAL_RANK, as set by the launchers)."""
     if not isinstance(map_location, str) or "{" not in map_location:
         return map_location
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return map_location.format(local_rank=int(os.environ.get("LOCAL_RANK", "0")), rank=rank)
 
 

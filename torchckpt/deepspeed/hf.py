@@ -53,7 +53,8 @@ def last_committed_checkpoint(output_dir: str | os.PathLike, *, verify: bool = F
     if not root.is_dir():
         return None
     candidates = sorted(
-        ((int(m.group(1)), entry) for entry in root.iterdir() if (m := _CHECKPOINT_DIR.match(entry.name)) and entry.is_dir()),
+        ((int(m.group(1)), entry) for entry in root.iterdir()
+         if (m := _CHECKPOINT_DIR.match(entry.name)) and entry.is_dir()),
         reverse=True,
     )
     skipped: list[str] = []
