@@ -11,10 +11,10 @@ from torchckpt._fileio import (
     HashingWriter,
     atomic_writer,
     checksum_file,
-    is_tmp_name,
     write_bytes_atomic,
 )
 from torchckpt.errors import WriteError
+from torchckpt.layout import is_tmp_name
 
 
 def test_atomic_writer_publishes_only_on_success(tmp_path):
