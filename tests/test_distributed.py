@@ -184,6 +184,8 @@ def test_a_failed_write_on_rank_1_fails_the_commit_on_both_ranks(root):
         assert isinstance(r, CommitError), r
         assert str(r).startswith("checkpoint 'bad' not committed: rank 1: writing ")
         assert "bad/b.pt failed: Is a directory" in str(r)
+        # the same, as data: the rank that failed and why, and the step of the commit that found it
+        assert set(r.failures) == {1} and "Is a directory" in r.failures[1] and r.step == "write", vars(r)
     store = CheckpointStore(root)
     assert not (root / "bad" / MANIFEST_NAME).exists()
     assert store.latest() == "good" and store.verify("good").ok

@@ -14,7 +14,7 @@ import torch
 from _reliability import count, record, rng
 
 from torchckpt import CheckpointStore, LatestFallbackWarning
-from torchckpt.errors import CorruptCheckpointError, ManifestError, TagNotFoundError
+from torchckpt.errors import CorruptCheckpointError, FileNotInCheckpointError, ManifestError
 from torchckpt.layout import MANIFEST_NAME
 
 FILES = {"model.pt": {"w": torch.arange(4096.0), "b": torch.ones(3)}, "sub/optim.pt": {"step": 7, "m": torch.zeros(512)}}
@@ -192,7 +192,7 @@ def test_unreadable_manifest(store, text, message):
 
 def test_unlisted_file_is_not_loadable_from_a_committed_tag(store):
     _edit_manifest(store, "good", lambda d: d.update(files=[f for f in d["files"] if f["path"] != "model.pt"]))
-    with pytest.raises(TagNotFoundError, match="'good' has no file 'model.pt'; it has: sub/optim.pt"):
+    with pytest.raises(FileNotInCheckpointError, match="'good' has no file 'model.pt'; it has: sub/optim.pt"):
         store.load("good", "model.pt")
 
 

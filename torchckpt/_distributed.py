@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .errors import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 #: Seconds the other ranks wait beyond ``timeout`` for rank 0's decision: rank 0's own deadline
@@ -77,12 +79,12 @@ class TorchDistributedCoordinator:
         key: str | None = None,
     ):
         if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if store is None or rank is None or world_size is None:
             import torch.distributed as dist
 
             if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
+                raise InvalidArgumentError(
                     "TorchDistributedCoordinator needs torch.distributed to be initialised "
                     "(deepspeed.init_distributed() or torch.distributed.init_process_group()) "
                     "or an explicit store, rank and world_size"
@@ -91,7 +93,7 @@ class TorchDistributedCoordinator:
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+            raise InvalidArgumentError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.store = store
         self.rank = rank
         self.world_size = world_size

@@ -46,7 +46,7 @@ import torch
 
 from . import serialization
 from ._fileio import WrittenFile, atomic_writer
-from .errors import WriteError
+from .errors import InvalidArgumentError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -378,9 +378,10 @@ class AsyncWriter:
         write_file: WriteFile = write_file,
     ):
         if max_inflight_bytes is not None and (not isinstance(max_inflight_bytes, int) or max_inflight_bytes <= 0):
-            raise ValueError(f"max_inflight_bytes must be a positive integer or None, got {max_inflight_bytes!r}")
+            raise InvalidArgumentError("max_inflight_bytes must be a positive integer or None, got "
+                                       f"{max_inflight_bytes!r}")
         if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+            raise InvalidArgumentError(f"workers must be an integer >= 1, got {workers!r}")
         self.max_inflight_bytes = max_inflight_bytes
         self.keep_device = keep_device
         self._write_file = write_file

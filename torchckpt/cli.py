@@ -19,13 +19,8 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__, _format
 from .errors import (
-    CheckpointInUseError,
-    DeviceUnavailableError,
-    IncompleteCheckpointError,
     InvalidTagError,
-    TagNotFoundError,
     TorchckptError,
-    UnsafeCheckpointError,
 )
 
 EXIT_OK = 0
@@ -39,17 +34,6 @@ exit status:
      manifest, differences (diff), or an I/O failure
   2  usage or user error: bad arguments, unknown root or tag, a refused action
      (removing `latest` or a tag being written), a file that safe loading refuses"""
-
-#: Errors that mean "the command as typed cannot be done" (exit 2), not "a problem was found".
-_USER_ERRORS: tuple[type[BaseException], ...] = (
-    TagNotFoundError,
-    InvalidTagError,
-    IncompleteCheckpointError,
-    CheckpointInUseError,
-    UnsafeCheckpointError,
-    DeviceUnavailableError,
-)
-
 
 class CliError(Exception):
     """A user mistake found by the shell itself (exit 2), e.g. a root that does not exist."""
@@ -533,13 +517,8 @@ def _run(args: argparse.Namespace) -> int:
             return args.func(args)
     except CliError as e:
         return _fail(args, e, EXIT_USAGE)
-    except _USER_ERRORS as e:
-        return _fail(args, e, EXIT_USAGE)
-    except TorchckptError as e:
-        from .deepspeed.adopt import AdoptError
-        from .interop import ExportError
-
-        return _fail(args, e, EXIT_USAGE if isinstance(e, (AdoptError, ExportError)) else EXIT_PROBLEM)
+    except TorchckptError as e:  # each class says whether it is the user's mistake (exit 2) or a problem found
+        return _fail(args, e, EXIT_USAGE if e.usage else EXIT_PROBLEM)
     except ValueError as e:  # option validation in the API (e.g. keep_last)
         return _fail(args, e, EXIT_USAGE)
     except BrokenPipeError:  # `torchckpt ls ROOT | head`: not an error

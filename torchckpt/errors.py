@@ -1,42 +1,81 @@
 """One base error for torchckpt, with subclasses that also derive from the matching built-in.
 
-Every message says what failed, on which value, and what to do about it.
+Every message says what failed, on which value, and what to do about it. Every class says, in
+``usage``, whose the problem is, so that every surface can render it without a table of its own:
+``True`` -- the request cannot be done as asked (a wrong tag, option or name; a fix the user
+chooses, such as ``trusted=True``): ``%ckpt`` raises IPython's ``UsageError``, the CLI exits 2;
+``False`` -- a problem was found in a checkpoint, the disk or the run: the CLI exits 1.
 """
 
 from __future__ import annotations
 
 import pickle
+from typing import ClassVar
 
 
 class TorchckptError(Exception):
     """Base class of every error torchckpt raises on purpose."""
 
+    #: True: the user's request cannot be done as asked; False: a problem was found (see the module).
+    usage: ClassVar[bool] = False
+
 
 class MissingExtraError(TorchckptError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` to run."""
+
+    usage = True
 
 
 class InvalidArgumentError(TorchckptError, ValueError):
     """An option's value cannot be used (a ``map_location`` that is not a device...)."""
 
+    usage = True
+
 
 class InvalidTagError(TorchckptError, ValueError):
     """A tag is not one safe path component."""
+
+    usage = True
 
 
 class TagNotFoundError(TorchckptError, KeyError):
     """No checkpoint with that tag exists under the root."""
 
+    usage = True
+
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class FileNotInCheckpointError(TorchckptError, FileNotFoundError):
+    """A checkpoint (or a path given to load) has no such file."""
+
+    usage = True
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 2]"
+        return str(self.strerror if self.strerror is not None else (self.args[0] if self.args else ""))
+
+
+class UnsafePathError(TorchckptError, ValueError):
+    """A path leads out of its checkpoint directory (through a symbolic link) or is not a regular file."""
+
+
+class ClosedError(TorchckptError, RuntimeError):
+    """A Checkpointer (or panel) was used after ``close()``."""
+
+    usage = True
 
 
 class TagExistsError(TorchckptError, FileExistsError):
     """A save would replace a committed checkpoint without being told to."""
 
+    usage = True
+
 
 class IncompleteCheckpointError(TorchckptError, RuntimeError):
     """A tag has no manifest: it was never committed (or was written without torchckpt)."""
+
+    usage = True
 
 
 class CorruptCheckpointError(TorchckptError, RuntimeError):
@@ -54,17 +93,31 @@ class ManifestError(TorchckptError, ValueError):
 class UnsafeCheckpointError(TorchckptError, pickle.UnpicklingError):
     """A checkpoint needs globals that are not allowed under safe (weights-only) loading."""
 
-    def __init__(self, message: str, globals_needed: list[str]):
+    usage = True
+
+    def __init__(self, message: str, globals_needed: list[str] | None = None):
         super().__init__(message)
-        self.globals_needed = globals_needed
+        self.globals_needed = list(globals_needed or [])  # None: when unpickled, until its state is restored
 
 
 class DeviceUnavailableError(TorchckptError, RuntimeError):
     """A checkpoint's tensors were saved on a device this machine does not have."""
 
+    usage = True
+
 
 class CommitError(TorchckptError, RuntimeError):
-    """A commit could not make the checkpoint complete; nothing was marked committed."""
+    """A commit could not make the checkpoint complete; nothing was marked committed.
+
+    ``failures`` maps each rank that failed to why (empty when the failure is not one rank's, such
+    as two ranks writing one file differently); ``step`` is the step of the commit at which it was
+    found (``"start"``, ``"write"``, ``"commit"``, or ``None``).
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, str] | None = None, step: str | None = None):
+        super().__init__(message)
+        self.failures: dict[int, str] = dict(failures or {})
+        self.step = step
 
 
 class WriteError(TorchckptError, OSError):
@@ -78,24 +131,40 @@ class StoreLockedError(TorchckptError, TimeoutError):
 class CheckpointInUseError(TorchckptError, RuntimeError):
     """A tag cannot be removed: it is `latest` or is being written."""
 
-
-class DistributedTimeoutError(TorchckptError, TimeoutError):
-    """A rank did not arrive at a collective step of the commit in time."""
+    usage = True
 
 
 class NotCheckpointableError(TorchckptError, TypeError):
     """An object cannot be saved: it is not a module, tensor, plain value or ``Stateful``."""
 
+    usage = True
+
 
 class ObjectNotFoundError(TorchckptError, KeyError):
     """A name is neither in the notebook namespace nor among a checkpoint's saved objects."""
+
+    usage = True
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 
+class AdoptError(TorchckptError, ValueError):
+    """A tag cannot be adopted: already committed, empty, or a file does not load."""
+
+    usage = True
+
+
+class ExportError(TorchckptError, ValueError):
+    """The weights to export (or import) cannot be found or are not plain tensors."""
+
+    usage = True
+
+
 class RestoreError(TorchckptError, ValueError):
     """Saved state does not fit the live objects; nothing was changed."""
+
+    usage = True
 
 
 # -- one message, said in the dialect of the surface that shows it ---------------------------------

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import serialization
 from ._fileio import fsync_dir
-from .errors import TorchckptError
+from .errors import ExportError
 from .file_structure import inspect_file
 from .layout import object_file, tmp_name
 from .manifest import (
@@ -46,10 +46,6 @@ __all__ = [
 _DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 _ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-
-
-class ExportError(TorchckptError, ValueError):
-    """The weights to export (or import) cannot be found or are not plain tensors."""
 
 
 # -- export / import -----------------------------------------------------------------------------

@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 from . import _format, _render, state
 from .errors import (
     CheckpointInUseError,
+    ClosedError,
     IncompleteCheckpointError,
+    InvalidArgumentError,
     NotCheckpointableError,
     ObjectNotFoundError,
     RestoreError,
@@ -443,7 +445,7 @@ class Checkpointer:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"{self!r} is closed; create a new Checkpointer")
+            raise ClosedError(f"{self!r} is closed; create a new Checkpointer")
 
     # -- discovery ---------------------------------------------------------------------------
     def checkpointable(self, namespace: Mapping[str, Any]) -> dict[str, Any]:
@@ -966,7 +968,7 @@ def parse_metrics(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"metric {item!r} is not key=value, e.g. loss=0.12")
+            raise InvalidArgumentError(f"metric {item!r} is not key=value, e.g. loss=0.12")
         parsed: Any = value
         for cast in (int, float):
             try:
@@ -975,6 +977,6 @@ def parse_metrics(items: Iterable[str]) -> dict[str, Any]:
             except ValueError:
                 continue
         if isinstance(parsed, float) and not math.isfinite(parsed):
-            raise ValueError(f"metric {item!r} is not a finite number")
+            raise InvalidArgumentError(f"metric {item!r} is not a finite number")
         metrics[key.strip()] = parsed
     return metrics

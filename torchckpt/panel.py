@@ -33,7 +33,7 @@ from typing import Any
 import ipywidgets as w
 
 from . import _format
-from .errors import TorchckptError, in_dialect
+from .errors import InvalidArgumentError, TagNotFoundError, TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
 from .store import CheckpointInfo
@@ -176,7 +176,7 @@ class CheckpointPanel:
         if executor == "inline":
             executor = _InlineExecutor()
         elif isinstance(executor, str):
-            raise ValueError(f"executor must be an Executor or 'inline', got {executor!r}")
+            raise InvalidArgumentError(f"executor must be an Executor or 'inline', got {executor!r}")
         self._executor: Executor = executor or ThreadPoolExecutor(1, thread_name_prefix="torchckpt-panel")
         self.poll_interval = poll_interval
         self._lock = threading.RLock()
@@ -308,7 +308,8 @@ class CheckpointPanel:
         """Tick exactly these tags (others are unticked)."""
         unknown = [t for t in tags if t not in self._rows]
         if unknown:
-            raise KeyError(f"no row for {', '.join(map(repr, unknown))}; the table has: {', '.join(self._rows)}")
+            raise TagNotFoundError(f"no row for {', '.join(map(repr, unknown))}; the table has: "
+                                   f"{', '.join(self._rows)}")
         for tag, row in self._rows.items():
             if tag not in tags:
                 row.checkbox.value = False
@@ -683,7 +684,7 @@ class CheckpointPanel:
             return None
         names = [n for n in saved if n not in self._deselected_objects]
         if not names:
-            raise ValueError(f"every object of {tag!r} ({', '.join(saved)}) is unticked in the objects list")
+            raise InvalidArgumentError(f"every object of {tag!r} ({', '.join(saved)}) is unticked in the objects list")
         return None if len(names) == len(saved) else names
 
     @_handler("commit")

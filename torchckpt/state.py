@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .errors import NotCheckpointableError, RestoreError
+from .errors import InvalidArgumentError, NotCheckpointableError, RestoreError
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ def capture(obj: Any, kind: str) -> Any:
         return torch.from_numpy(np.ascontiguousarray(obj))
     if kind == "value":
         return obj
-    raise ValueError(f"kind {kind!r} is not captured by value (deepspeed engines save themselves)")
+    raise InvalidArgumentError(f"kind {kind!r} is not captured by value (deepspeed engines save themselves)")
 
 
 class _StructurePickler(pickle.Pickler):
@@ -523,7 +523,7 @@ class RestorePlan:
             backup = live.get_state()
             live.set_state(saved)
             return lambda: live.set_state(backup)
-        raise ValueError(f"cannot restore kind {step.kind!r} in place")
+        raise RestoreError(f"cannot restore kind {step.kind!r} in place")
 
 
 def _copy_back(live: torch.Tensor, backup: torch.Tensor) -> None:

@@ -36,11 +36,14 @@ from .errors import (
     CheckpointInUseError,
     CommitError,
     CorruptCheckpointError,
+    FileNotInCheckpointError,
     IncompleteCheckpointError,
+    InvalidArgumentError,
     ManifestError,
     StoreLockedError,
     TagNotFoundError,
     TorchckptError,
+    UnsafePathError,
     WriteError,
 )
 from .layout import (
@@ -398,7 +401,7 @@ class CheckpointStore:
         if manifest is not None:
             rec = manifest.files.get(relpath)
             if rec is None:
-                raise TagNotFoundError(
+                raise FileNotInCheckpointError(
                     f"checkpoint {tag!r} has no file {relpath!r}; it has: {', '.join(sorted(manifest.files))}"
                 )
             if verify and (problem := _check_file(self.root / tag, rec)):
@@ -406,7 +409,7 @@ class CheckpointStore:
                     f"checkpoint {tag!r} is corrupt: {problem}; restore it from a copy, or load with verify=False"
                 )
         elif not path.is_file():
-            raise TagNotFoundError(f"checkpoint {tag!r} has no file {relpath!r}")
+            raise FileNotInCheckpointError(f"checkpoint {tag!r} has no file {relpath!r}")
         from . import (
             serialization,  # imports torch: not needed to list, verify or delete
         )
@@ -489,7 +492,7 @@ class CheckpointStore:
         bookkeeping file; ``torchckpt adopt`` brings them under gc).
         """
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+            raise InvalidArgumentError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         with self.lock():
             infos = self.list()
             latest = self._resolve_latest(warn=False)
@@ -626,7 +629,7 @@ def load_unmanaged(
     if problem := _file_problem(folder, path.name):
         raise CorruptCheckpointError(f"{path} cannot be read safely: {problem}")
     if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, f"no checkpoint file {path}", str(path))
+        raise FileNotInCheckpointError(errno.ENOENT, f"no checkpoint file {path}", str(path))
     if problem := torn_zip_problem(path):
         raise CorruptCheckpointError(
             f"{path} is torn: {problem} (written by a save that did not finish, or damaged since); "
@@ -740,7 +743,7 @@ class Transaction:
             try:
                 rel = p.resolve().relative_to(self.dir.resolve()).as_posix()
             except ValueError:
-                raise ValueError(f"{p} is not inside the tag directory {self.dir}") from None
+                raise InvalidArgumentError(f"{p} is not inside the tag directory {self.dir}") from None
         else:
             rel = p.as_posix()
         return validate_relpath(rel)
@@ -767,7 +770,7 @@ class Transaction:
     def _write(self, relpath: str, obj: Any) -> None:
         final = self.dir / relpath
         if not final.parent.resolve().is_relative_to(self.dir.resolve()):
-            raise ManifestError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not "
+            raise UnsafePathError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not "
                                 "written")
         final.parent.mkdir(parents=True, exist_ok=True)
         if self.writer is not None:
@@ -816,7 +819,7 @@ class Transaction:
                 self._write_rank_part()
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             local = e
-        self._raise_if_any(co.gather_errors(local and _describe(local), step="write"), "not committed", local)
+        self._raise_if_any(local, "not committed", step="write")
 
         manifest, local = None, None
         if co.rank == 0:
@@ -824,15 +827,15 @@ class Transaction:
                 manifest = self._write_manifest(metadata, save_latest=save_latest)
             except Exception as e:  # noqa: BLE001
                 local = e
-        self._raise_if_any(
-            co.gather_errors(local and _describe(local), step="commit"), "the manifest could not be written", local
-        )
+        self._raise_if_any(local, "the manifest could not be written", step="commit")
         self._release()
         self.committed = manifest or Manifest(self.tag, time.time(), dict(self._records), co.world_size)
         logger.info("committed checkpoint %s in %s", self.tag, self.store.root)
         return self.committed
 
-    def _raise_if_any(self, errors: list[str | None], what: str, local: Exception | None) -> None:
+    def _raise_if_any(self, local: Exception | None, what: str, *, step: str) -> None:
+        """Tell every rank this rank's outcome at ``step``; if any rank failed, abort and raise."""
+        errors = self.coordinator.gather_errors(_describe(local) if local is not None else None, step=step)
         failed = [(r, e) for r, e in enumerate(errors) if e]
         if not failed:
             return
@@ -840,7 +843,8 @@ class Transaction:
         if len(errors) == 1 and isinstance(local, TorchckptError):
             raise local  # one process: the original, already explicit error (WriteError, StoreLockedError...)
         detail = "; ".join(f"rank {r}: {e}" if len(errors) > 1 else e for r, e in failed)
-        raise CommitError(f"checkpoint {self.tag!r} {what}: {detail}; the previous checkpoint is intact") from local
+        raise CommitError(f"checkpoint {self.tag!r} {what}: {detail}; the previous checkpoint is intact",
+                          failures={r: e for r, e in failed if e}, step=step) from local
 
     def _fsync_dirs(self) -> None:
         dirs = {self.dir} | {(self.dir / r).parent for r in self._records}
@@ -864,7 +868,9 @@ class Transaction:
             try:
                 part = json.loads(part_path.read_text())
             except (OSError, ValueError) as e:
-                raise CommitError(f"rank {rank}'s file list {part_path.name} is missing or unreadable: {e}") from e
+                why = f"its file list {part_path.name} is missing or unreadable: {e}"
+                raise CommitError(f"rank {rank}'s file list {part_path.name} is missing or unreadable: {e}",
+                                  failures={rank: why}, step="commit") from e
             for entry in part["files"]:
                 rec = FileRecord(**entry)
                 prior = records.setdefault(rec.path, rec)

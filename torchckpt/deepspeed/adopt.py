@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._fileio import checksum_file
-from ..errors import CheckpointInUseError, TorchckptError
+from ..errors import AdoptError, CheckpointInUseError, TorchckptError
 from ..layout import LATEST_NAME, origin
 from ..manifest import (
     FileRecord,
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["AdoptError", "adopt", "adoptable", "deepspeed_latest"]
-
-
-class AdoptError(TorchckptError, ValueError):
-    """A tag cannot be adopted: already committed, empty, or a file does not load."""
 
 
 def adoptable(store: CheckpointStore) -> list[str]:

@@ -36,7 +36,7 @@ from deepspeed.utils import log_dist
 
 from .._fileio import atomic_writer, fsync_dir
 from ..async_writer import AsyncWriter
-from ..errors import CommitError, TorchckptError
+from ..errors import CommitError, InvalidArgumentError, TorchckptError
 from ..layout import MANIFEST_NAME
 from ..manifest import validate_tag
 from ..store import CheckpointStore, Transaction, load_unmanaged
@@ -76,19 +76,19 @@ class EngineOptions:
 
     def __post_init__(self):
         if self.max_inflight_bytes is not None and self.max_inflight_bytes <= 0:
-            raise ValueError(f"max_inflight_bytes must be positive or None, got {self.max_inflight_bytes!r}")
+            raise InvalidArgumentError(f"max_inflight_bytes must be positive or None, got {self.max_inflight_bytes!r}")
         if self.commit_timeout <= 0:
-            raise ValueError(f"commit_timeout must be positive, got {self.commit_timeout!r}")
+            raise InvalidArgumentError(f"commit_timeout must be positive, got {self.commit_timeout!r}")
         if isinstance(self.map_location, str) and "{" in self.map_location:
             try:
                 self.map_location.format(local_rank=0, rank=0)
             except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"map_location {self.map_location!r} may use only {{local_rank}} and {{rank}} as placeholders"
                 ) from e
         for name in ("async_save", "verify_on_load", "allow_incomplete", "trusted"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _tag_of(info: Any) -> str:
@@ -303,16 +303,17 @@ class TorchCheckpointEngine(CheckpointEngine):
         rank (a rank that saved nothing there takes part with an empty file list)."""
         report = {"tag": current.tag, "save_dir": current.save_dir, "wrote": current.tx is not None, "error": None}
         values, missing = current.coordinator.exchange(report, step="start")
-        failures = [
-            f"rank {r}: {why or (v or {}).get('error')}"
+        failures = {
+            r: str(why or (v or {}).get("error"))
             for r, (v, why) in enumerate(zip(values, missing, strict=False))
             if why or (v or {}).get("error")
-        ]
+        }
         if failures:
             if current.tx is not None:
                 current.tx.abort()
-            raise CommitError(f"checkpoint {current.tag!r} not committed: {'; '.join(failures)}; the previous "
-                              "checkpoint is intact")
+            detail = "; ".join(f"rank {r}: {why}" for r, why in failures.items())
+            raise CommitError(f"checkpoint {current.tag!r} not committed: {detail}; the previous checkpoint is intact",
+                              failures=failures, step="start")
         tags = [v["tag"] for v in values]
         if len(set(tags)) > 1:
             if current.tx is not None:
