@@ -7,6 +7,7 @@ over it. The on-disk contract is in docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import difflib
 import errno
@@ -275,7 +276,7 @@ class CheckpointStore:
                     continue
         return sorted(infos, key=lambda i: (i.created, i.tag))
 
-    def tags(self, *, committed_only: bool = False) -> list[str]:
+    def tags(self, *, committed_only: bool = False) -> builtins.list[str]:
         return [i.tag for i in self.list() if i.committed or not committed_only]
 
     def info(self, tag: str) -> CheckpointInfo:
@@ -436,7 +437,7 @@ class CheckpointStore:
         with self.lock():
             self._delete_locked(tag, allow_latest=allow_latest)
 
-    def delete_all(self, tags: list[str], *, allow_latest: bool = False) -> list[str]:
+    def delete_all(self, tags: builtins.list[str], *, allow_latest: bool = False) -> builtins.list[str]:
         """Remove several tags, all or nothing: every tag is checked (it exists, nobody is writing
         it, it is not ``latest`` unless ``allow_latest``) before any is removed. Returns them."""
         resolved = list(dict.fromkeys(self._existing(tag) for tag in tags))
@@ -816,7 +817,7 @@ class Transaction:
                 self._write_rank_part()
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             local = e
-        self._raise_if_any(co.gather_errors(local and _describe(local), step="write"), "not committed", local)
+        self._raise_if_any(co.gather_errors(_describe(local) if local else None, step="write"), "not committed", local)
 
         manifest, local = None, None
         if co.rank == 0:
@@ -825,7 +826,8 @@ class Transaction:
             except Exception as e:  # noqa: BLE001
                 local = e
         self._raise_if_any(
-            co.gather_errors(local and _describe(local), step="commit"), "the manifest could not be written", local
+            co.gather_errors(_describe(local) if local else None, step="commit"),
+            "the manifest could not be written", local,
         )
         self._release()
         self.committed = manifest or Manifest(self.tag, time.time(), dict(self._records), co.world_size)
