@@ -42,6 +42,9 @@ class HashingWriter:
     ``writeback_every`` bytes (large writes are split so this happens within them too).
     """
 
+    #: The :class:`WrittenFile`, set by :func:`atomic_writer` when its block completes.
+    result: WrittenFile
+
     def __init__(self, raw, *, fd: int | None = None, writeback_every: int = WRITEBACK_EVERY):
         self._raw = raw
         self._hash = xxhash.xxh3_128()
@@ -183,13 +186,13 @@ def atomic_writer(
         if cause is not None and not isinstance(e, WriteError):
             raise WriteError(cause.errno, describe_os_error(cause, final)) from e
         raise
-    writer.result = WrittenFile(final, writer.size, writer.checksum)  # type: ignore[attr-defined]
+    writer.result = WrittenFile(final, writer.size, writer.checksum)
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> WrittenFile:
     with atomic_writer(final, buffering=-1) as w:
         w.write(data)
-    return w.result  # type: ignore[attr-defined]
+    return w.result
 
 
 def fsync_dir(path: Path) -> None:

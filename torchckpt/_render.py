@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import _format
 
@@ -22,7 +22,7 @@ class Result:
         super().__init_subclass__(**kwargs)
         # IPython's pretty printer takes the first of _repr_pretty_/__repr__ it finds walking
         # the MRO: each result defines __repr__, so each needs _repr_pretty_ of its own.
-        cls._repr_pretty_ = Result._repr_pretty_
+        cast(Any, cls)._repr_pretty_ = Result._repr_pretty_  # (mypy rejects assigning to a method)
 
     def _repr_html_(self) -> str | None:
         return None if self.quiet else self.to_html()

@@ -383,9 +383,10 @@ def load(path: str | Path, map_location: Any) -> Any:
         reader = torch._C.PyTorchFileReader(path)
     except RuntimeError as e:
         raise Decline(f"not a zip file torch reads: {e}") from None
-    if reader.has_record("constants.pkl") or not reader.has_record("data.pkl"):
+    # torch's stub omits PyTorchFileReader.has_record, which the C++ reader has
+    if reader.has_record("constants.pkl") or not reader.has_record("data.pkl"):  # type: ignore[attr-defined]
         raise Decline("TorchScript archive or no data.pkl")
-    if reader.has_record("byteorder") and reader.get_record("byteorder") != b"little":
+    if reader.has_record("byteorder") and reader.get_record("byteorder") != b"little":  # type: ignore[attr-defined]
         raise Decline("big-endian data")
     data = reader.get_record("data.pkl")
     globals_ = fast_globals()

@@ -64,7 +64,7 @@ def write_file(path: Path, obj: Any) -> WrittenFile:
     """The default background write: ``obj`` to ``path`` atomically, hashed while written."""
     with atomic_writer(path) as stream:
         serialization.save(obj, stream)
-    return stream.result  # type: ignore[attr-defined]
+    return stream.result
 
 
 # -- device tags ---------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class _HostArena:
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """Byte range [start, end) of the tensor's storage that the tensor addresses."""
     elem = t.element_size()
-    start = t.storage_offset() * elem
+    start: int = t.storage_offset() * elem  # type: ignore[assignment]  # torch stub: int | SymInt; an int here
     numel = t.numel()
     if numel == 0:
         return start, start
@@ -423,8 +423,8 @@ class AsyncWriter:
         future.add_done_callback(self._forget)
         return future
 
-    def _copy(self, plan: _Plan, snap: Snapshot) -> dict[int, torch.Tensor]:
-        copies: dict[int, torch.Tensor] = {}
+    def _copy(self, plan: _Plan, snap: Snapshot) -> dict[int, torch.Tensor | _Deferred]:
+        copies: dict[int, torch.Tensor | _Deferred] = {}
         devices: set[torch.device] = set()
         region = snap.region
         for group in plan.groups:
@@ -439,12 +439,14 @@ class AsyncWriter:
                 span = (offset, size)
                 lo = group.lo
                 for t in group.members:
-                    d = _Deferred(span, t, t.storage_offset() - lo // t.element_size() if lo else t.storage_offset())
+                    # torch's stub types storage_offset() int | SymInt; an int for these real tensors
+                    d = _Deferred(span, t, t.storage_offset() - lo // t.element_size() if lo else t.storage_offset())  # type: ignore[arg-type]
                     copies[id(t)] = d
                     snap.deferred.append(d)
                 continue
             dst = torch.frombuffer(region.chunk.view, dtype=torch.uint8, count=size, offset=offset)
-            src = torch.empty(0, dtype=torch.uint8, device=group.device).set_(group.storage, group.lo, (size,))
+            # torch's stub requires stride; set_(source, offset, size) is valid at runtime (contiguous stride)
+            src = torch.empty(0, dtype=torch.uint8, device=group.device).set_(group.storage, group.lo, (size,))  # type: ignore[call-overload]
             dst.copy_(src, non_blocking=region.chunk.pinned)
             devices.add(group.device)
             if self.keep_device:
@@ -641,7 +643,7 @@ def _rebuild(obj: Any, copies: dict[int, Any], memo: dict[int, Any]) -> Any:
     if key in memo:
         return memo[key]
     if isinstance(obj, dict):
-        new = copy.copy(obj)  # same type and attributes (defaultdict's factory, OrderedDict's order)
+        new: Any = copy.copy(obj)  # same type and attributes (defaultdict's factory, OrderedDict's order)
         memo[key] = new
         for k, v in obj.items():
             new[k] = _rebuild(v, copies, memo)

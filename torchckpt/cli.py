@@ -484,7 +484,7 @@ def _status_meanings() -> dict[str, str]:
 
 
 # -- running -------------------------------------------------------------------------------------
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["FileStructure", "TensorMeta", "ValueMeta", "inspect_file"]
 
@@ -165,6 +165,12 @@ class _Stub:
     """An instance of a global we do not import: it records what the pickle gave it."""
 
     _global = "?"
+    # set per instance by __new__ / __setstate__
+    _args: tuple[Any, ...]
+    _kwargs: dict[str, Any]
+    _state: Any
+    _mapping: list[tuple[Any, Any]]
+    _list: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
         obj = object.__new__(cls)
@@ -441,7 +447,7 @@ def _describe(root: Any) -> tuple[list[TensorMeta], list[ValueMeta]]:
         if i >= _MAX_LEAVES:
             values.append(ValueMeta("...", "truncated", f"more than {_MAX_LEAVES} leaves; the rest is not listed"))
             break
-        (tensors if isinstance(leaf, TensorMeta) else values).append(leaf)
+        cast("list[Any]", tensors if isinstance(leaf, TensorMeta) else values).append(leaf)
     return tensors, values
 
 

@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def _expand(shell, line: str) -> str:
         return line
     from IPython.utils.text import FullEvalFormatter
 
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "run_line_magic":
         frame = frame.f_back
     ns = dict(shell.user_ns)
@@ -315,6 +316,7 @@ class CkptMagics(Magics, Configurable):
 
     def _namespace(self) -> dict[str, Any]:
         """The user's variables, without the ones IPython put there."""
+        assert self.shell is not None  # a magic registered with a shell
         hidden = self.shell.user_ns_hidden
         return {k: v for k, v in self.shell.user_ns.items() if k not in hidden or hidden[k] is not v}
 
@@ -404,6 +406,7 @@ class CkptMagics(Magics, Configurable):
         return self.checkpointer.commit(a.tag, note=a.note)
 
     def _do_load(self, a: argparse.Namespace):
+        assert self.shell is not None  # a magic registered with a shell
         try:
             return self.checkpointer.load(
                 a.tag, self.shell.user_ns, a.names or None, map_location=a.map_location, strict=a.strict,
@@ -458,6 +461,7 @@ class CkptMagics(Magics, Configurable):
 
         from .panel import CheckpointPanel
 
+        assert self.shell is not None  # a magic registered with a shell
         panel = CheckpointPanel(checkpointer=self.checkpointer, namespace=self.shell.user_ns)
         display(panel)
         return None

@@ -22,6 +22,7 @@ changed (see :mod:`torchckpt.state`).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import difflib
 import logging
@@ -817,7 +818,7 @@ class Checkpointer:
             rng_reason = "not asked for"
         else:
             rng_reason = ""
-        sizes = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
+        sizes: dict[Any, int] = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
         files = [saved[n].get("file") for n in wanted if saved[n].get("file")]
         if restore_rng:
             files.append(info.metadata.get("rng", RNG_FILE))
@@ -864,7 +865,7 @@ class Checkpointer:
         self._check_open()
         return TagList(self.root, self.store.list(), self.pending())
 
-    def tags(self) -> list[str]:
+    def tags(self) -> builtins.list[str]:
         """Every tag under the root, oldest first."""
         return self.store.tags()
 
@@ -887,7 +888,7 @@ class Checkpointer:
         check_map_location(map_location)
         return diff_tags(self.store, a, b, map_location=map_location)
 
-    def remove(self, tags: str | list[str], *, force: bool = False) -> RemoveResult:
+    def remove(self, tags: str | builtins.list[str], *, force: bool = False) -> RemoveResult:
         """Remove one tag or several, all or nothing. ``latest`` only with ``force``; never a tag
         being written (or saved here and not committed yet)."""
         self._check_open()
@@ -913,7 +914,7 @@ class Checkpointer:
 
     def _result_from_info(self, info: CheckpointInfo, *, quiet: bool) -> SaveResult:
         objs = _objects_of(info)
-        sizes = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
+        sizes: dict[Any, int] = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
         saved = [SavedObject(n, str(o.get("kind")), str(o.get("type")), o.get("file"), sizes.get(o.get("file")))
                  for n, o in objs.items() if isinstance(o, dict)]
         md = info.metadata
@@ -940,6 +941,7 @@ class Checkpointer:
             self._committer.shutdown(wait=True)
         failed = [r for r in outcomes if r.error is not None]
         if failed:
+            assert failed[0].error is not None  # failed holds only results with an error
             raise failed[0].error
 
     def __enter__(self) -> Checkpointer:

@@ -584,7 +584,7 @@ class CheckpointPanel:
         note = self.note_input.value.strip() or None
         info = self._infos.get(tag)
         if info is not None or tag in self._pending:
-            what = "pending" if tag in self._pending else _format.status(info)
+            what = "pending" if tag in self._pending or info is None else _format.status(info)
             return self._ask(f"{tag!r} exists ({what}): replace it?", "save",
                              lambda: self._save(tag, names, note, metrics, overwrite=True))
         self._save(tag, names, note, metrics)

@@ -99,7 +99,8 @@ def _fast_save_available() -> bool:
             params = list(inspect.signature(torch.serialization._save).parameters)
             _FAST_SAVE = params == ["obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record"]
             _FAST_SAVE = _FAST_SAVE and callable(torch.serialization._get_storage_alignment)
-            torch._C.PyTorchFileWriter(_NullSink(), False, 64)  # the (buffer, crc32, alignment) constructor
+            # the (buffer, crc32, alignment) constructor; torch's stub wants IO[bytes], C++ takes any .write()
+            torch._C.PyTorchFileWriter(_NullSink(), False, 64)  # type: ignore[call-overload]
         except (AttributeError, TypeError, ValueError):
             _FAST_SAVE = False
         if not _FAST_SAVE:

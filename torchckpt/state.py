@@ -19,7 +19,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -343,7 +343,8 @@ def capture_rng() -> dict[str, Any]:
     consumed no CUDA randomness.
     """
     version, internal, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    # legacy=True gives the tuple for the global (MT19937) generator; numpy's stub also allows a dict
+    _, key, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
@@ -576,7 +577,7 @@ def plan_restore(
             raise RestoreError(f"into={into!r} is not a name a variable can have; choose another, e.g. "
                                f"into='{next(iter(entries))}_saved'")
     for name, (kind, saved) in entries.items():
-        live = namespace.get(name)
+        live: Any = namespace.get(name)
         step = RestoreStep(name, kind, saved, live, strict=strict)
         if into is not None:
             step.action, step.target = "into", into
@@ -730,8 +731,8 @@ def _check_keys(name: str, live: Any, saved: Any, strict: bool, notes: list[str]
         return []
     missing = sorted(set(current) - set(saved), key=str)
     unexpected = sorted(set(saved) - set(current), key=str)
-    what = ", ".join(filter(None, [missing and f"missing keys {_few(missing)}",
-                                   unexpected and f"unexpected keys {_few(unexpected)}"]))
+    what = ", ".join(cast("Iterable[str]", filter(None, [missing and f"missing keys {_few(missing)}",
+                                                         unexpected and f"unexpected keys {_few(unexpected)}"])))
     if strict:
         return [f"{name}: {what} (load with strict=False to load it anyway)"]
     notes.append(f"{name}: {what}")

@@ -7,6 +7,7 @@ over it. The on-disk contract is in docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import difflib
 import errno
@@ -278,7 +279,7 @@ class CheckpointStore:
                     continue
         return sorted(infos, key=lambda i: (i.created, i.tag))
 
-    def tags(self, *, committed_only: bool = False) -> list[str]:
+    def tags(self, *, committed_only: bool = False) -> builtins.list[str]:
         return [i.tag for i in self.list() if i.committed or not committed_only]
 
     def info(self, tag: str) -> CheckpointInfo:
@@ -439,7 +440,7 @@ class CheckpointStore:
         with self.lock():
             self._delete_locked(tag, allow_latest=allow_latest)
 
-    def delete_all(self, tags: list[str], *, allow_latest: bool = False) -> list[str]:
+    def delete_all(self, tags: builtins.list[str], *, allow_latest: bool = False) -> builtins.list[str]:
         """Remove several tags, all or nothing: every tag is checked (it exists, nobody is writing
         it, it is not ``latest`` unless ``allow_latest``) before any is removed. Returns them."""
         resolved = list(dict.fromkeys(self._existing(tag) for tag in tags))

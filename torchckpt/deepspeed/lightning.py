@@ -14,7 +14,8 @@ try:  # the unified package, else the standalone one (the same classes under ano
     from lightning.pytorch import Callback
 except ModuleNotFoundError as missing_lightning:  # pragma: no cover - depends on what is installed
     try:
-        from pytorch_lightning import Callback
+        # the same class under the standalone package's module path, which mypy sees as another type
+        from pytorch_lightning import Callback  # type: ignore[assignment]
     except ModuleNotFoundError:
         raise missing_lightning from None  # named as `lightning`: torchckpt[trainers] installs it
 
