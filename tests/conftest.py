@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-from _net import free_port
+
+_MISSING = [what for module, what in (("torch", "PyTorch"), ("torchckpt", "torchckpt"))
+            if importlib.util.find_spec(module) is None]
+if not _MISSING:
+    import torch
+
+from _net import free_port  # noqa: E402
+
+
+def pytest_configure(config):
+    if _MISSING:  # one line, instead of an ImportError with a traceback for every test module
+        pytest.exit(f"{' and '.join(_MISSING)} not installed in this Python ({sys.executable}): run the tests with "
+                    "./dev test (it sets everything up), or pip install -e '.[dev]' here", returncode=4)
+
+
+#: ./dev test --fast: the pure-Python unit tests (no subprocesses, DeepSpeed, IPython or browser), ~10 s.
+FAST_FILES = frozenset({
+    "test_errors.py", "test_manifest.py", "test_fileio.py", "test_file_structure.py", "test_state.py",
+    "test_serialization.py", "test_store.py", "test_diff.py", "test_bad_input_python.py",
+})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,6 +35,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if Path(str(item.fspath)).name in FAST_FILES:
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture
