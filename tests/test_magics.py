@@ -11,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
+from torchckpt.errors import WriteError
 from torchckpt.magics import CkptMagics
 
 
@@ -138,13 +139,45 @@ def test_save_names_note_metrics_and_step_go_into_the_manifest(ip, root):
                                         "type": "torch.nn.modules.container.Sequential"}
 
 
-def test_save_async_commits_in_the_background_and_commit_waits(ip, root, capsys):
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
+    import threading
+
+    import torchckpt.serialization
+
+    gate = threading.Event()
+    real = torchckpt.serialization.save
+
+    def held(obj, stream, **kwargs):
+        assert gate.wait(60), "held_writes: never released"
+        return real(obj, stream, **kwargs)
+
+    monkeypatch.setattr(torchckpt.serialization, "save", held)
+    yield gate.set
+    gate.set()
+
+
+def test_save_async_returns_a_handle_and_commit_waits(ip, root, capsys, held_writes):
+    from torchckpt.pending import PendingSave
+
     run(ip, SETUP.format(seed=0))
     r = run(ip, "%ckpt save a1 model --async")
-    assert r.status == "committing"
+    assert isinstance(r, PendingSave) and r.tag == "a1" and r.names == ["model"]
+    assert r.status == "committing" and not r.done() and r.bytes_written == 0 and r.total_bytes > 0
+    shown = ip.display_formatter.format(r)[0]
+    assert "a1: saving in the background, 0 B of" in shown["text/plain"] and "commits when written" in shown["text/plain"]
+    assert "saving in the background" in shown["text/html"] and "model" in shown["text/html"]
+    assert run(ip, "%ckpt save a1b model --async -q") is not None
+    assert ip.display_formatter.format(run(ip, "_"))[0]["text/plain"].startswith("<PendingSave ")
+    held_writes()
     done = run(ip, "%ckpt commit a1")
     assert done.committed and done.objects[0].size > 0
+    assert r.done() and r.committed and r.bytes_written == r.total_bytes == done.checkpoint_size
+    assert ip.display_formatter.format(r)[0]["text/plain"].startswith("a1: committed")
     assert run(ip, "%ckpt verify a1").ok
+    ip.user_ns["handle"] = r
+    assert run(ip, "handle.wait(timeout=5).committed")
 
 
 def test_post_run_cell_reports_a_finished_async_save_once(ip, root, capsys):
@@ -176,7 +209,7 @@ def test_a_failed_async_save_is_reported_after_the_cell_and_by_commit(ip, root, 
     magics = ip.magics_manager.registry["CkptMagics"]
     monkeypatch.setattr(torchckpt.serialization, "save", full)
     magics.report_async = False
-    run(ip, "%ckpt save bad x --async")
+    handle = run(ip, "%ckpt save bad x --async")
     magics.report_async = True
     ckpt = magics.checkpointer
     deadline = time.monotonic() + 30
@@ -186,6 +219,9 @@ def test_a_failed_async_save_is_reported_after_the_cell_and_by_commit(ip, root, 
     run(ip, "1")
     err = capsys.readouterr().err
     assert "torchckpt: async save 'bad' FAILED" in err and "no space left" in err
+    with pytest.raises(WriteError, match="no space left on the device"):
+        handle.wait(timeout=5)  # what %ckpt save --async returned: the save's own error
+    assert handle.done() and handle.status == "failed"
     assert "no space left on the device" in usage_error(ip, "%ckpt commit bad")
     assert "no checkpoint 'bad'" in usage_error(ip, "%ckpt commit bad")  # reported once; nothing left
 

@@ -192,6 +192,44 @@ def test_save_reports_progress(make_panel):
     assert seen[-1] == p.progress.max
 
 
+def test_save_progress_follows_the_bytes_the_writer_reports(make_panel, monkeypatch):
+    import torchckpt.serialization
+
+    gate = threading.Event()
+    real = torchckpt.serialization.save
+
+    def held(obj, stream, **kwargs):
+        assert gate.wait(60), "never released"
+        return real(obj, stream, **kwargs)
+
+    monkeypatch.setattr(torchckpt.serialization, "save", held)
+    held_jobs = HeldExecutor()
+    p = make_panel(executor=held_jobs)
+    seen = []
+    p.progress.observe(lambda change: seen.append(change["new"]), names="value")
+    p.tag_input.value = "fed"
+    p.save_button.click()  # the snapshot: the first fifth of the bar
+    snapshot_end = int(p.progress.max * panel_module._SNAPSHOT_SHARE)
+    assert p.progress.value == snapshot_end
+    job = threading.Thread(target=held_jobs.run_all)  # the panel's job: waits on the save's handle
+    job.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(t.name.startswith("torchckpt-writer") for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert p.progress.value == snapshot_end  # nothing written yet: the bar waits for bytes
+        assert not [t.name for t in threading.enumerate() if "panel-commit" in t.name]  # no thread of its own
+    finally:
+        gate.set()
+        job.join(60)
+    assert p.last_error is None, p.status.value
+    written = [v for v in seen if v > snapshot_end]
+    assert any(v < 0.99 * p.progress.max for v in written), seen  # fed while the files were being written
+    assert written == sorted(written) and seen[-1] == p.progress.max
+    assert "saved 'fed': committed" in text(p.status) and not hasattr(panel_module, "_bytes_under")
+
+
 def test_default_thread_executor_runs_save_and_load(root, ns):
     p = CheckpointPanel(root=root, namespace=ns, poll_interval=None)
     try:

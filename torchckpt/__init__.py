@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .deepspeed.lightning import LightningCallback
     from .notebook import Checkpointer
     from .panel import CheckpointPanel
+    from .pending import PendingSave
     from .state import Stateful
     from .store import (
         CheckpointInfo,
@@ -62,6 +63,7 @@ _LAZY = {
     "AsyncWriter": "async_writer",
     "Checkpointer": "notebook",
     "CheckpointPanel": "panel",
+    "PendingSave": "pending",
     "Stateful": "state",
 }
 
@@ -83,6 +85,7 @@ __all__ = [
     "ManifestError",
     "NotCheckpointableError",
     "ObjectNotFoundError",
+    "PendingSave",
     "RestoreError",
     "Stateful",
     "StoreLockedError",

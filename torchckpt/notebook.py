@@ -51,6 +51,7 @@ from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyR
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
     from .diff import CheckpointDiff
+    from .pending import PendingSave
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +403,13 @@ class _Pending:
     metadata: dict[str, Any]
     result: SaveResult
     started: float
-    future: Future | None = None  # the background commit of an async save
+    future: Future | None = None  # an async save's background work: its commit, or (commit=False) its writes
+    handle: PendingSave | None = None  # what the async save returned, over ``future``
+
+    @property
+    def commits(self) -> bool:
+        """An async save that commits in the background once written."""
+        return self.handle is not None and self.handle.commits
 
 
 class Checkpointer:
@@ -485,7 +492,7 @@ class Checkpointer:
         progress: bool | Callable[[int, int], None] | None = None,
         overwrite: bool = False,
         left_out: Mapping[str, str] | None = None,
-    ) -> SaveResult:
+    ) -> SaveResult | PendingSave:
         """Save ``objects`` (name -> live object) as ``tag``, with the RNG states.
 
         Args:
@@ -503,8 +510,10 @@ class Checkpointer:
                 :meth:`discover`); the result's notes list them.
 
         Returns:
-            A :class:`SaveResult`; for async saves its status is ``committing`` or ``writing``
-            (:meth:`poll` reports the outcome, :meth:`commit` waits for it).
+            A :class:`SaveResult`; for async saves a :class:`~torchckpt.pending.PendingSave`, the
+            handle of the background work (``done()``, ``wait()``, ``bytes_written``...), whose
+            status is ``committing`` or ``writing`` until it is done. :meth:`poll` also reports
+            the outcome, and :meth:`commit` waits for it.
 
         Raises:
             NotCheckpointableError: an object cannot be saved (nothing was written).
@@ -536,9 +545,14 @@ class Checkpointer:
         writer = self._async_writer() if async_save else None
         total = sum(state.payload_bytes(p) for p in payloads.values())
         bar = _Progress(progress, total, f"save {tag}", self.progress_min_bytes)
+        handle = None
+        if async_save:
+            from .pending import PendingSave
+
+            handle = PendingSave(tag, total_bytes=total + state.payload_bytes(rng), commits=commit)
         tx = None
         try:
-            tx = self.store.transaction(tag, writer=writer)
+            tx = self.store.transaction(tag, writer=writer, on_write=handle._add_bytes if handle else None)
             for name, kind in kinds.items():
                 if kind == "deepspeed":
                     from .deepspeed.notebook import save_engine  # imports DeepSpeed
@@ -579,9 +593,11 @@ class Checkpointer:
         result.seconds = time.perf_counter() - started
         with self._lock:
             self._pending[tag] = pending
-            if commit:
-                pending.future = self._background().submit(self._commit_quietly, pending)
-        return replace(result)
+            if handle is not None:
+                pending.handle = handle  # before the work starts: it reads pending.commits
+                pending.future = self._background().submit(self._finish_async, pending)
+                handle._start(replace(result), pending.future)
+        return handle if handle is not None else replace(result)
 
     def _clear_tag(self, tag: str, *, overwrite: bool) -> bool:
         """Make room for a new save of ``tag``; True if a previous one was replaced."""
@@ -599,7 +615,7 @@ class Checkpointer:
             if old.future is not None:
                 with contextlib.suppress(Exception):
                     old.future.result()  # its outcome is superseded by this save
-            else:
+            if not old.commits:
                 old.tx.abort()
         if (self.root / tag).is_dir():
             self.store.delete(tag, allow_latest=True)
@@ -637,9 +653,20 @@ class Checkpointer:
         self._fill_sizes(result, manifest)
         return result
 
-    def _commit_quietly(self, pending: _Pending) -> SaveResult:
-        """The background commit of an async save (errors stay with the future, and are reported)."""
-        return self._commit_now(pending)
+    def _finish_async(self, pending: _Pending) -> SaveResult:
+        """An async save's background work: wait for its writes, then commit (unless it was saved
+        with ``commit=False``). Errors stay with the future: the handle, poll and commit report them."""
+        if pending.commits:
+            return self._commit_now(pending)
+        try:
+            pending.tx.wait()
+        except BaseException:
+            pending.tx.abort()
+            self._discard(pending.result.tag)
+            raise
+        result = replace(pending.result, status="uncommitted", seconds=time.perf_counter() - pending.started)
+        self._fill_sizes(result, None)
+        return result
 
     def _fill_sizes(self, result: SaveResult, manifest: Any) -> None:
         result.objects = [replace(o) for o in result.objects]
@@ -655,7 +682,8 @@ class Checkpointer:
                     obj.size = (self.root / result.tag / obj.file).stat().st_size
 
     def commit(self, tag: str, *, note: str | None = None, metrics: dict | None = None) -> SaveResult:
-        """Commit a tag saved with ``commit=False``, or wait for an async save's commit.
+        """Commit a tag saved with ``commit=False``, or wait for an async save's commit
+        (its :class:`~torchckpt.pending.PendingSave`'s ``wait()``).
 
         Args:
             tag: a tag this Checkpointer saved. A tag that is already committed is left as is.
@@ -684,19 +712,24 @@ class Checkpointer:
                 "save it again, or remove it with rm or gc"
             )
         try:
-            if pending.future is not None:
-                result = pending.future.result()
+            if pending.commits:
+                assert pending.handle is not None
+                result = pending.handle.wait()
             else:
+                if pending.handle is not None:
+                    pending.handle.wait()  # the background writes; raises their error
                 if note is not None:
                     pending.metadata["note"] = note
                 if metrics is not None:
                     pending.metadata["metrics"] = check_metadata({"m": dict(metrics)})["m"]
                 result = self._commit_now(pending)
+                if pending.handle is not None:
+                    pending.handle._set_committed(result)
         finally:
             with self._lock:
                 if self._pending.get(tag) is pending:
                     del self._pending[tag]
-        if note is not None and pending.future is not None:
+        if note is not None and pending.commits:
             logger.warning("note for %s ignored: its async save was committed with the note given at save time", tag)
         return result
 
@@ -704,7 +737,7 @@ class Checkpointer:
         """Tags saved by this Checkpointer and not yet committed (async ones included)."""
         with self._lock:
             running = [t for t, p in self._pending.items()
-                       if p.future is None or not p.future.done() or p.future.exception() is not None]
+                       if not p.commits or not p.future.done() or p.future.exception() is not None]
             return running + [t for t in self._failed if t not in running]
 
     def poll(self) -> list[SaveResult]:
@@ -715,7 +748,7 @@ class Checkpointer:
         done = []
         with self._lock:
             for tag, p in list(self._pending.items()):
-                if p.future is None or not p.future.done():
+                if not p.commits or not p.future.done():
                     continue
                 del self._pending[tag]
                 error = p.future.exception()
@@ -787,7 +820,7 @@ class Checkpointer:
         if tag is not None and tag != "latest":
             with self._lock:
                 pending = self._pending.get(tag)
-            if pending is not None and pending.future is not None:
+            if pending is not None and pending.commits:
                 self.commit(tag)  # an async save of this tag: load it once committed
         tag = self.store.resolve(tag)
         info = self.store.info(tag)

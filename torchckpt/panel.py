@@ -10,7 +10,9 @@ It is a shell: every button calls one Checkpointer (or store) method and renders
 Threads. Widget callbacks run on the kernel's main thread, between cells. Save takes its
 snapshot there (the async path: tensors are copied into host buffers, so the checkpoint holds
 the values of the moment of the click even if a cell changes them right after), then the
-writes, the commit, verify, diff and delete run on a worker thread, so the kernel stays free.
+writes and the commit run in the background (the progress bar follows the save's
+:class:`~torchckpt.pending.PendingSave`, fed by the writer); verify, diff and delete run on a
+worker thread, so the kernel stays free.
 Load alone runs in the callback: it changes the live objects, and on the kernel's thread no cell
 can run halfway through it. Workers touch widgets only by setting traits (never ``with out:``)
 and log through ``Output.outputs``. Headless tests pass a synchronous ``executor``.
@@ -36,6 +38,7 @@ from . import _format
 from .errors import TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
+from .pending import PendingSave
 from .store import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -592,18 +595,11 @@ class CheckpointPanel:
         objects = {n: self.namespace[n] for n in names}
         commit = self.commit_toggle.value
         self._set_busy("save")
-        totals = [0]
-        snapshot = self._progress(0.0, _SNAPSHOT_SHARE)
-
-        def on_snapshot(done: int, total: int) -> None:
-            totals[0] = total
-            snapshot(done, total)
-
         try:
             # The snapshot runs here, on the kernel's thread, so it is consistent with the cell
             # that ran last; the writes and the commit continue in the background.
-            result = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
-                                            metrics=metrics or None, step=self._step(), progress=on_snapshot,
+            handle = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
+                                            metrics=metrics or None, step=self._step(), progress=self._progress(0.0, _SNAPSHOT_SHARE),
                                             overwrite=overwrite)
         except BaseException:
             self._set_idle()
@@ -614,39 +610,22 @@ class CheckpointPanel:
         self._safely("refresh", self.refresh)
         self.select(tag)
         if not commit:
-            self._say(f"saved {tag!r} ({', '.join(result.names)}), writing in the background; "
+            self._say(f"saved {tag!r} ({', '.join(handle.names)}), writing in the background; "
                       "not committed: tick it and click Commit")
-            self._run("save", lambda: self._wait_written(tag, totals[0], commit=False), busy=True)
+        else:
+            self.status.value = html.escape(f"saving {tag!r}: writing in the background...")
+        self._run("save", lambda: self._wait_written(handle), busy=True)
+
+    def _wait_written(self, handle: PendingSave) -> None:
+        """Show the background writes' progress (the handle's bytes written, fed by the writer);
+        wait for the writes, and for the commit of a save that commits."""
+        handle.add_progress_callback(self._progress(_SNAPSHOT_SHARE, 0.99))
+        if not handle.commits:
+            handle.wait()  # the writes; a failure is shown now (Commit would raise it again)
             return
-        self.status.value = html.escape(f"saving {tag!r}: writing in the background...")
-        self._run("save", lambda: self._wait_written(tag, totals[0], commit=True), busy=True)
-
-    def _wait_written(self, tag: str, total: int, *, commit: bool) -> None:
-        """Show the background writes' progress (bytes on disk); with ``commit``, wait for the commit."""
-        if not commit:
-            self.progress.value = _PROGRESS_MAX
-            return
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
-
-        def wait_commit() -> None:
-            try:
-                outcome["result"] = self.checkpointer.commit(tag)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, on the job's thread
-                outcome["error"] = e
-            finally:
-                done.set()
-
-        threading.Thread(target=wait_commit, name="torchckpt-panel-commit", daemon=True).start()
-        written = self._progress(_SNAPSHOT_SHARE, 0.99)
-        tag_dir = self.checkpointer.root / tag
-        while not done.wait(0.05):
-            written(_bytes_under(tag_dir), total)
-        if "error" in outcome:
-            raise outcome["error"]
-        result = outcome["result"]
-        size = _format.human_size(self.checkpointer.store.info(tag).size)
-        self._say(f"saved {tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
+        result = self.checkpointer.commit(handle.tag)  # waits on the handle; reports the outcome once
+        size = _format.human_size(self.checkpointer.store.info(handle.tag).size)
+        self._say(f"saved {handle.tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
 
     @_handler("load")
     def _on_load(self, _: Any = None) -> None:
@@ -833,16 +812,6 @@ def _descendants(widget: w.Widget) -> Iterable[w.Widget]:
     for child in getattr(widget, "children", ()):
         yield from _descendants(child)
     yield widget
-
-
-def _bytes_under(path) -> int:
-    total = 0
-    with contextlib.suppress(OSError):
-        for p in path.rglob("*"):
-            with contextlib.suppress(OSError):
-                if p.is_file():
-                    total += p.stat().st_size
-    return total
 
 
 def _valid_tag(tag: str) -> bool:
