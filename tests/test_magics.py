@@ -432,3 +432,83 @@ def test_load_unload_reload_leave_no_duplicate_hooks(ip, tmp_path):
     run(ip, "%load_ext torchckpt")
     assert counts() == (1, 1, 1)
     assert run(ip, "%ckpt dir") == tmp_path  # the root survives a reload
+
+
+# trait -> (a good value, how the Checkpointer shows it)
+OPTION_TRAITS = {
+    "lock_timeout": (5, lambda c: c.options.lock_timeout == 5 and c.store.lock_timeout == 5),
+    "progress_min_mb": (1, lambda c: c.progress_min_bytes == 1 << 20),
+    "auto_max_mb": (2, lambda c: c.auto_max_bytes == 2 << 20),
+    "max_inflight_mb": (64, lambda c: c.options.max_inflight_bytes == 64 << 20),
+    "pin_memory": (False, lambda c: c.options.pin_memory is False),
+    "poll_interval": (0.5, lambda c: c.options.poll_interval == 0.5),
+}
+
+
+@pytest.fixture
+def settings(ip):
+    """The magics; their option traits are put back to their defaults afterwards."""
+    magics = ip.magics_manager.registry["CkptMagics"]
+    yield magics
+    for name in OPTION_TRAITS:
+        setattr(magics, name, magics.trait_defaults(name))
+        ip.config.CkptMagics.pop(name, None)  # %config keeps even refused values in the shell's config
+
+
+@pytest.mark.parametrize("name", list(OPTION_TRAITS))
+def test_each_config_setting_reaches_the_checkpointer(ip, root, settings, name):
+    before = settings.checkpointer  # made before the %config
+    value, shows = OPTION_TRAITS[name]
+    assert not shows(before)
+    run(ip, f"%config CkptMagics.{name} = {value!r}")
+    assert getattr(settings, name) == value and shows(before)
+    run(ip, f"%ckpt dir {root}-elsewhere")  # a Checkpointer made after it
+    assert settings.checkpointer is not before and shows(settings.checkpointer)
+
+
+def test_config_reaches_the_async_writer_already_made(ip, root, settings):
+    run(ip, "import torch; w = torch.ones(10)")
+    run(ip, "%ckpt save a w --async").wait(timeout=60)
+    writer = settings.checkpointer._writer
+    assert writer.max_inflight_bytes is None
+    run(ip, "%config CkptMagics.max_inflight_mb = 0.5")
+    run(ip, "%config CkptMagics.pin_memory = False")
+    assert writer.max_inflight_bytes == 1 << 19 and writer.pin_memory is False
+    run(ip, "%config CkptMagics.max_inflight_mb = None")
+    run(ip, "%config CkptMagics.auto_max_mb = None")
+    assert writer.max_inflight_bytes is None and settings.checkpointer.auto_max_bytes is None
+    run(ip, "%config CkptMagics.auto_max_mb = -1")  # negative: no limit, as before
+    assert settings.checkpointer.auto_max_bytes is None
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("lock_timeout = -1", ("CkptMagics.lock_timeout = -1.0 is not valid: it must be a number of seconds >= 0; "
+                           "the setting is unchanged")),
+    ("progress_min_mb = -2", "CkptMagics.progress_min_mb = -2.0 is not valid: it must be a number of MiB >= 0"),
+    ("auto_max_mb = float('nan')", ("CkptMagics.auto_max_mb = nan is not valid: it must be a number of MiB "
+                                    "(negative or None: no limit)")),
+    ("max_inflight_mb = 0", "CkptMagics.max_inflight_mb = 0.0 is not valid: it must be a number of MiB > 0, or None"),
+    ("poll_interval = 0", "CkptMagics.poll_interval = 0.0 is not valid: it must be a number of seconds > 0, or None"),
+    ("lock_timeout = 'soon'", "The 'lock_timeout' trait of a CkptMagics instance expected a float, not the str 'soon'"),
+    ("pin_memory = 'yes'", "The 'pin_memory' trait of a CkptMagics instance expected a boolean, not the str 'yes'"),
+])
+def test_a_bad_config_value_is_one_line_and_changes_nothing(ip, root, settings, caplog, line, message):
+    before = settings.checkpointer.options
+    result = ip.run_cell(f"%config CkptMagics.{line}", store_history=False)
+    assert result.error_in_exec is None  # %config reports it as one logged line, never a traceback
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], errors
+    assert settings.checkpointer.options == before
+    name = line.split(" ")[0]
+    assert getattr(settings, name) == settings.trait_defaults(name)
+
+
+def test_reload_after_a_refused_config_value_names_it_and_loads(ip, root, settings, capsys):
+    ip.run_cell("%config CkptMagics.lock_timeout = 'soon'", store_history=False)  # refused, yet kept by IPython
+    ip.run_cell("%config CkptMagics.progress_min_mb = 3", store_history=False)
+    run(ip, "%reload_ext torchckpt")
+    assert "torchckpt: ignoring the setting CkptMagics.lock_timeout: The 'lock_timeout' trait" in capsys.readouterr().err
+    magics = ip.magics_manager.registry["CkptMagics"]
+    assert magics.lock_timeout == 60.0 and magics.progress_min_mb == 3  # the good setting stays
+    magics.progress_min_mb = 256.0
+    ip.config.CkptMagics.pop("progress_min_mb", None)

@@ -565,3 +565,36 @@ def test_gpu_checkpoint_loads_on_cpu_and_back(ckpt):
     assert ckpt.commit("g-async").committed
     sd = ckpt.store.load("g-async", "objects/model.pt")
     assert sd["weight"].device.type == "cuda"  # saved locations are kept
+
+
+def test_options_reach_the_store_and_the_async_writer(root):
+    from torchckpt.options import CheckpointOptions
+
+    opts = CheckpointOptions(lock_timeout=7, max_inflight_bytes=1 << 20, pin_memory=False, progress_min_bytes=10)
+    c = Checkpointer(root, options=opts)
+    try:
+        assert c.options is opts and c.store.lock_timeout == 7 and c.progress_min_bytes == 10
+        c.save("a", {"w": torch.ones(10)}, async_save=True).wait(timeout=60)
+        assert c._writer.max_inflight_bytes == 1 << 20 and c._writer.pin_memory is False
+        c.options = CheckpointOptions(lock_timeout=3, max_inflight_bytes=None, auto_max_bytes=None)
+        assert c.store.lock_timeout == 3 and c._writer.max_inflight_bytes is None and c.auto_max_bytes is None
+        c.auto_max_bytes = 100  # the old attributes still work, through the options (validated)
+        assert c.options.auto_max_bytes == 100 and c.options.lock_timeout == 3
+        with pytest.raises(ValueError, match=r"^progress_min_bytes must be a whole number of bytes >= 0, got -1$"):
+            c.progress_min_bytes = -1
+        with pytest.raises(TypeError, match="options must be a CheckpointOptions, got dict"):
+            c.options = {"lock_timeout": 3}
+    finally:
+        c.close()
+
+
+def test_the_old_keyword_arguments_still_work_over_options(root):
+    from torchckpt.options import CheckpointOptions
+
+    c = Checkpointer(root, options=CheckpointOptions(lock_timeout=9), progress_min_bytes=5, auto_max_bytes=None)
+    assert (c.options.lock_timeout, c.progress_min_bytes, c.auto_max_bytes) == (9, 5, None)
+    with pytest.raises(ValueError, match="auto_max_bytes must be"):
+        Checkpointer(root, auto_max_bytes=-1)
+    with pytest.raises(TypeError, match="options must be a CheckpointOptions"):
+        Checkpointer(root, options=3)
+    c.close()

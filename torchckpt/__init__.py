@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .deepspeed.hf import last_committed_checkpoint
     from .deepspeed.lightning import LightningCallback
     from .notebook import Checkpointer
+    from .options import CheckpointOptions
     from .panel import CheckpointPanel
     from .pending import PendingSave
     from .state import Stateful
@@ -62,6 +63,7 @@ _LAZY = {
     "UnverifiedLoadWarning": "store",
     "AsyncWriter": "async_writer",
     "Checkpointer": "notebook",
+    "CheckpointOptions": "options",
     "CheckpointPanel": "panel",
     "PendingSave": "pending",
     "Stateful": "state",
@@ -72,6 +74,7 @@ __all__ = [
     "Checkpointer",
     "CheckpointInUseError",
     "CheckpointInfo",
+    "CheckpointOptions",
     "CheckpointPanel",
     "CheckpointStore",
     "CommitError",

@@ -559,6 +559,19 @@ class AsyncWriter:
 
     # -- state ------------------------------------------------------------------------------
     @property
+    def pin_memory(self) -> bool:
+        """Whether snapshot memory is page-locked. Setting it applies to memory mapped from then on
+        (idle memory is returned at once; None: when CUDA is available)."""
+        return self._arena.pin
+
+    @pin_memory.setter
+    def pin_memory(self, value: bool | None) -> None:
+        pin = torch.cuda.is_available() if value is None else bool(value)
+        if pin != self._arena.pin:
+            self._arena.pin = pin
+            self._arena.release_idle()
+
+    @property
     def inflight_bytes(self) -> int:
         """Snapshot bytes taken and not yet written."""
         return self._inflight

@@ -46,6 +46,7 @@ from .errors import (
     TorchckptError,
 )
 from .manifest import check_metadata, validate_tag
+from .options import CheckpointOptions
 from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyReport
 
 if TYPE_CHECKING:
@@ -58,8 +59,10 @@ logger = logging.getLogger(__name__)
 FORMAT = "torchckpt-notebook/1"
 OBJECTS_DIR = "objects"
 RNG_FILE = "rng.pt"
-#: Saves and loads of at least this many bytes show a progress bar when ``progress=None``.
-PROGRESS_MIN_BYTES = 256 << 20
+#: Saves and loads of at least this many bytes show a progress bar when ``progress=None``
+#: (``CheckpointOptions.progress_min_bytes``' default).
+PROGRESS_MIN_BYTES = CheckpointOptions.progress_min_bytes
+_UNSET: Any = object()
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -417,10 +420,10 @@ class Checkpointer:
 
     Args:
         root: the checkpoint root (created on first save).
-        progress_min_bytes: with ``progress=None``, saves and loads at least this large show
-            a progress bar.
-        auto_max_bytes: :meth:`discover` leaves out tensors and arrays larger than this (None:
-            no limit); named objects are saved whatever their size.
+        options: the settings (:class:`~torchckpt.options.CheckpointOptions`: lock timeout,
+            progress threshold, ``auto_max_bytes``, async memory cap and pinning, the panel's
+            poll interval); assign :attr:`options` to change them later.
+        progress_min_bytes, auto_max_bytes: the options of those names, over ``options``.
 
     Example:
         >>> ckpt = Checkpointer("checkpoints")
@@ -429,11 +432,15 @@ class Checkpointer:
         >>> ckpt.diff("warmup", "latest")
     """
 
-    def __init__(self, root: str | os.PathLike, *, progress_min_bytes: int = PROGRESS_MIN_BYTES,
-                 auto_max_bytes: int | None = state.MAX_AUTO_BYTES):
-        self.store = CheckpointStore(root)
-        self.progress_min_bytes = progress_min_bytes
-        self.auto_max_bytes = auto_max_bytes
+    def __init__(self, root: str | os.PathLike, *, options: CheckpointOptions | None = None,
+                 progress_min_bytes: int = _UNSET, auto_max_bytes: int | None = _UNSET):
+        options = _checked_options(options)
+        given = {"progress_min_bytes": progress_min_bytes, "auto_max_bytes": auto_max_bytes}
+        given = {k: v for k, v in given.items() if v is not _UNSET}
+        if given:
+            options = replace(options, **given)  # validated again
+        self.store = CheckpointStore(root, lock_timeout=options.lock_timeout)
+        self._options = options
         self._pending: dict[str, _Pending] = {}
         self._finished: list[SaveResult] = []
         self._failed: dict[str, SaveResult] = {}
@@ -445,6 +452,37 @@ class Checkpointer:
     @property
     def root(self) -> Path:
         return self.store.root
+
+    @property
+    def options(self) -> CheckpointOptions:
+        """The settings; assigning new ones applies them from the next operation on (the lock
+        timeout, the async writer's memory cap and pinning included)."""
+        return self._options
+
+    @options.setter
+    def options(self, options: CheckpointOptions) -> None:
+        options = _checked_options(options)
+        self._options = options
+        self.store.lock_timeout = options.lock_timeout
+        if self._writer is not None:
+            self._writer.max_inflight_bytes = options.max_inflight_bytes
+            self._writer.pin_memory = options.pin_memory
+
+    @property
+    def progress_min_bytes(self) -> int:
+        return self._options.progress_min_bytes
+
+    @progress_min_bytes.setter
+    def progress_min_bytes(self, value: int) -> None:
+        self.options = replace(self._options, progress_min_bytes=value)
+
+    @property
+    def auto_max_bytes(self) -> int | None:
+        return self._options.auto_max_bytes
+
+    @auto_max_bytes.setter
+    def auto_max_bytes(self, value: int | None) -> None:
+        self.options = replace(self._options, auto_max_bytes=value)
 
     def __repr__(self) -> str:
         return f"Checkpointer({str(self.root)!r})"
@@ -634,7 +672,8 @@ class Checkpointer:
         if self._writer is None:
             from .async_writer import AsyncWriter
 
-            self._writer = AsyncWriter()
+            self._writer = AsyncWriter(max_inflight_bytes=self._options.max_inflight_bytes,
+                                       pin_memory=self._options.pin_memory)
         return self._writer
 
     def _background(self) -> ThreadPoolExecutor:
@@ -979,6 +1018,15 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _checked_options(options: Any) -> CheckpointOptions:
+    if options is None:
+        return CheckpointOptions()
+    if not isinstance(options, CheckpointOptions):
+        raise TypeError(f"options must be a CheckpointOptions, got {type(options).__name__}: "
+                        "Checkpointer(root, options=CheckpointOptions(lock_timeout=120, ...))")
+    return options
 
 
 def _file_names(names: Iterable[str]) -> dict[str, str]:

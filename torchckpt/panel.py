@@ -38,6 +38,7 @@ from . import _format
 from .errors import TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
+from .options import CheckpointOptions
 from .pending import PendingSave
 from .store import CheckpointInfo
 
@@ -50,6 +51,8 @@ _SNAPSHOT_SHARE = 0.2
 _PROGRESS_MAX = 1000
 #: Log entries kept (the oldest are dropped).
 _LOG_LIMIT = 200
+#: ``poll_interval``'s default: follow the Checkpointer's options.
+_FROM_OPTIONS: Any = object()
 
 _SORTS: dict[str, Callable[[CheckpointInfo], Any]] = {
     "newest first": lambda i: (-i.created, i.tag),
@@ -150,7 +153,9 @@ class CheckpointPanel:
         executor: runs the background work (default: one worker thread). Pass
             ``"inline"`` to run everything on the calling thread (tests, scripts).
         poll_interval: seconds between re-reads of the root while some save is still
-            committing; None turns this off.
+            committing; None turns this off. Default: the Checkpointer's
+            ``options.poll_interval`` (2 s; ``%config CkptMagics.poll_interval``), as it is at
+            each re-read.
 
     Example:
         >>> panel = CheckpointPanel(root="checkpoints", namespace=globals())
@@ -166,10 +171,11 @@ class CheckpointPanel:
         *,
         root: Any = None,
         executor: Executor | str | None = None,
-        poll_interval: float | None = 2.0,
+        poll_interval: float | None = _FROM_OPTIONS,
     ):
         if (checkpointer is None) == (root is None):
             raise TypeError("CheckpointPanel takes a checkpointer or a root (one of them, not both)")
+        self.poll_interval = poll_interval  # checked before anything is made
         self._owns_checkpointer = checkpointer is None
         self.checkpointer = checkpointer if checkpointer is not None else Checkpointer(root)
         if namespace is None:
@@ -181,7 +187,6 @@ class CheckpointPanel:
         elif isinstance(executor, str):
             raise ValueError(f"executor must be an Executor or 'inline', got {executor!r}")
         self._executor: Executor = executor or ThreadPoolExecutor(1, thread_name_prefix="torchckpt-panel")
-        self.poll_interval = poll_interval
         self._lock = threading.RLock()
         self._log_lock = threading.Lock()
         self._future: Future | None = None
@@ -298,6 +303,19 @@ class CheckpointPanel:
 
     # -- public state ----------------------------------------------------------------------------
     @property
+    def poll_interval(self) -> float | None:
+        """Seconds between re-reads while a save made elsewhere commits (None: never)."""
+        if self._poll_interval is _FROM_OPTIONS:
+            return self.checkpointer.options.poll_interval
+        return self._poll_interval
+
+    @poll_interval.setter
+    def poll_interval(self, value: float | None) -> None:
+        if value is not _FROM_OPTIONS:
+            CheckpointOptions(poll_interval=value)  # ValueError naming poll_interval and its valid values
+        self._poll_interval = value
+
+    @property
     def rows(self) -> dict[str, _Row]:
         """tag -> its table row (``row.checkbox``, ``row.cells``), in display order."""
         return dict(self._rows)
@@ -404,7 +422,8 @@ class CheckpointPanel:
 
     def _schedule_poll(self) -> None:
         """While a save made elsewhere (magics, code) is committing, re-read the root now and then."""
-        if self.poll_interval is None or self._closed or self._timer is not None:
+        interval = self.poll_interval
+        if interval is None or self._closed or self._timer is not None:
             return
         if not self._pending or self._busy:
             return
@@ -418,7 +437,7 @@ class CheckpointPanel:
             panel._timer = None
             panel._safely("refresh", panel.refresh)
 
-        self._timer = threading.Timer(self.poll_interval, tick)
+        self._timer = threading.Timer(interval, tick)
         self._timer.daemon = True
         self._timer.start()
 
