@@ -289,6 +289,19 @@ def test_a_failed_async_save_raises_its_own_error_from_the_handle(ckpt, root, di
     assert ckpt.pending() == [] and ckpt.store.latest() == "ok"
 
 
+def test_close_does_not_raise_again_an_error_the_handle_raised(root, disk_full):
+    c = Checkpointer(root)
+    disk_full()
+    handle = c.save("bad", {"w": torch.ones(3)}, async_save=True)
+    with pytest.raises(WriteError):
+        handle.wait(timeout=60)
+    c.close()  # already reported: not raised a second time
+    unseen = Checkpointer(root)
+    unseen.save("bad2", {"w": torch.ones(3)}, async_save=True)  # nobody asks its handle
+    with pytest.raises(WriteError, match="no space left"):
+        unseen.close()
+
+
 def test_async_no_commit_handle_is_done_when_written(ckpt, held_writes):
     handle = ckpt.save("later", {"w": torch.ones(1000)}, async_save=True, commit=False)
     assert handle.status == "writing" and not handle.commits and not handle.done()

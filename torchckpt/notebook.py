@@ -995,10 +995,13 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for async saves to commit; leave uncommitted tags incomplete; free the buffers.
 
-        Raises the first error of an async save that was never reported.
+        Raises the first error of an async save that was never reported (by :meth:`poll`,
+        :meth:`commit`, or its handle's ``wait()``/``result()``/``exception()``).
         """
         if self._closed:
             return
+        with self._lock:
+            handles = {t: p.handle for t, p in self._pending.items() if p.handle is not None}
         outcomes = self.wait()
         with self._lock:
             for p in self._pending.values():
@@ -1009,7 +1012,8 @@ class Checkpointer:
             self._writer.shutdown()
         if self._committer is not None:
             self._committer.shutdown(wait=True)
-        failed = [r for r in outcomes if r.error is not None]
+        failed = [r for r in outcomes if r.error is not None
+                  and not (r.tag in handles and handles[r.tag]._error_delivered)]
         if failed:
             raise failed[0].error
 

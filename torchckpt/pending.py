@@ -66,6 +66,9 @@ class PendingSave(_render.Result):
         self._future: Future | None = None
         self._committed_later: SaveResult | None = None
         self._started = time.perf_counter()
+        #: The save's error reached the caller (wait/result raised it, exception returned it):
+        #: ``Checkpointer.close`` does not raise it again.
+        self._error_delivered = False
 
     # -- fed by the Checkpointer and the writer ---------------------------------------------------
     def _add_bytes(self, nbytes: int) -> None:
@@ -120,10 +123,14 @@ class PendingSave(_render.Result):
         try:
             result = self._future.result(timeout)
         except TimeoutError:
-            if self._future.done():
-                raise  # the save's own TimeoutError
-            raise TimeoutError(f"save {self.tag!r} is still in flight after {timeout:g}s "
-                               f"({self._progress_text()}); wait longer, or call done() to check") from None
+            if not self._future.done():
+                raise TimeoutError(f"save {self.tag!r} is still in flight after {timeout:g}s "
+                                   f"({self._progress_text()}); wait longer, or call done() to check") from None
+            self._error_delivered = True
+            raise  # the save's own TimeoutError
+        except BaseException:
+            self._error_delivered = True
+            raise
         return self._committed_later or result
 
     def result(self, timeout: float | None = None) -> SaveResult:
@@ -138,6 +145,7 @@ class PendingSave(_render.Result):
         except TimeoutError:
             raise TimeoutError(f"save {self.tag!r} is still in flight after {timeout:g}s "
                                f"({self._progress_text()}); wait longer, or call done() to check") from None
+        self._error_delivered = self._error_delivered or self.error is not None
         return self.error
 
     def add_done_callback(self, fn: Callable[[PendingSave], None]) -> None:
