@@ -166,7 +166,8 @@ def test_save_async_returns_a_handle_and_commit_waits(ip, root, capsys, held_wri
     assert isinstance(r, PendingSave) and r.tag == "a1" and r.names == ["model"]
     assert r.status == "committing" and not r.done() and r.bytes_written == 0 and r.total_bytes > 0
     shown = ip.display_formatter.format(r)[0]
-    assert "a1: saving in the background, 0 B of" in shown["text/plain"] and "commits when written" in shown["text/plain"]
+    text = shown["text/plain"]
+    assert "a1: saving in the background, 0 B of" in text and "commits when written" in text
     assert "saving in the background" in shown["text/html"] and "model" in shown["text/html"]
     assert run(ip, "%ckpt save a1b model --async -q") is not None
     assert ip.display_formatter.format(run(ip, "_"))[0]["text/plain"].startswith("<PendingSave ")
@@ -507,7 +508,8 @@ def test_reload_after_a_refused_config_value_names_it_and_loads(ip, root, settin
     ip.run_cell("%config CkptMagics.lock_timeout = 'soon'", store_history=False)  # refused, yet kept by IPython
     ip.run_cell("%config CkptMagics.progress_min_mb = 3", store_history=False)
     run(ip, "%reload_ext torchckpt")
-    assert "torchckpt: ignoring the setting CkptMagics.lock_timeout: The 'lock_timeout' trait" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "torchckpt: ignoring the setting CkptMagics.lock_timeout: The 'lock_timeout' trait" in err
     magics = ip.magics_manager.registry["CkptMagics"]
     assert magics.lock_timeout == 60.0 and magics.progress_min_mb == 3  # the good setting stays
     magics.progress_min_mb = 256.0

@@ -618,8 +618,8 @@ class CheckpointPanel:
             # The snapshot runs here, on the kernel's thread, so it is consistent with the cell
             # that ran last; the writes and the commit continue in the background.
             handle = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
-                                            metrics=metrics or None, step=self._step(), progress=self._progress(0.0, _SNAPSHOT_SHARE),
-                                            overwrite=overwrite)
+                                            metrics=metrics or None, step=self._step(),
+                                            progress=self._progress(0.0, _SNAPSHOT_SHARE), overwrite=overwrite)
         except BaseException:
             self._set_idle()
             raise
