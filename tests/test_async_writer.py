@@ -306,3 +306,18 @@ def test_gpu_snapshot_is_pinned_isolated_and_keeps_its_device(tmp_path):
     assert torch.load(tmp_path / "c.pt", weights_only=True)["x"].device.type == "cpu"
     writer.shutdown()
     on_cpu.shutdown()
+
+
+def test_on_write_reports_the_bytes_as_they_are_written(tmp_path):
+    writer = AsyncWriter()
+    seen: list[int] = []
+    state = {"a": torch.randn(1 << 16), "b": torch.randn(100), "step": 3}
+    written = writer.submit(tmp_path / "f.pt", state, on_write=seen.append).result()
+    assert sum(seen) == written.size == (tmp_path / "f.pt").stat().st_size
+    assert len(seen) > 1  # piece by piece, not once at the end
+    gated = GatedWrite()  # a write_file without on_write=: the file is reported whole when written
+    gated.gate.set()
+    other: list[int] = []
+    written = AsyncWriter(write_file=gated).submit(tmp_path / "g.pt", state, on_write=other.append).result()
+    assert other == [written.size]
+    writer.shutdown()

@@ -11,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
+from torchckpt.errors import WriteError
 from torchckpt.magics import CkptMagics
 
 
@@ -138,13 +139,46 @@ def test_save_names_note_metrics_and_step_go_into_the_manifest(ip, root):
                                         "type": "torch.nn.modules.container.Sequential"}
 
 
-def test_save_async_commits_in_the_background_and_commit_waits(ip, root, capsys):
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
+    import threading
+
+    import torchckpt.serialization
+
+    gate = threading.Event()
+    real = torchckpt.serialization.save
+
+    def held(obj, stream, **kwargs):
+        assert gate.wait(60), "held_writes: never released"
+        return real(obj, stream, **kwargs)
+
+    monkeypatch.setattr(torchckpt.serialization, "save", held)
+    yield gate.set
+    gate.set()
+
+
+def test_save_async_returns_a_handle_and_commit_waits(ip, root, capsys, held_writes):
+    from torchckpt.pending import PendingSave
+
     run(ip, SETUP.format(seed=0))
     r = run(ip, "%ckpt save a1 model --async")
-    assert r.status == "committing"
+    assert isinstance(r, PendingSave) and r.tag == "a1" and r.names == ["model"]
+    assert r.status == "committing" and not r.done() and r.bytes_written == 0 and r.total_bytes > 0
+    shown = ip.display_formatter.format(r)[0]
+    text = shown["text/plain"]
+    assert "a1: saving in the background, 0 B of" in text and "commits when written" in text
+    assert "saving in the background" in shown["text/html"] and "model" in shown["text/html"]
+    assert run(ip, "%ckpt save a1b model --async -q") is not None
+    assert ip.display_formatter.format(run(ip, "_"))[0]["text/plain"].startswith("<PendingSave ")
+    held_writes()
     done = run(ip, "%ckpt commit a1")
     assert done.committed and done.objects[0].size > 0
+    assert r.done() and r.committed and r.bytes_written == r.total_bytes == done.checkpoint_size
+    assert ip.display_formatter.format(r)[0]["text/plain"].startswith("a1: committed")
     assert run(ip, "%ckpt verify a1").ok
+    ip.user_ns["handle"] = r
+    assert run(ip, "handle.wait(timeout=5).committed")
 
 
 def test_post_run_cell_reports_a_finished_async_save_once(ip, root, capsys):
@@ -176,7 +210,7 @@ def test_a_failed_async_save_is_reported_after_the_cell_and_by_commit(ip, root, 
     magics = ip.magics_manager.registry["CkptMagics"]
     monkeypatch.setattr(torchckpt.serialization, "save", full)
     magics.report_async = False
-    run(ip, "%ckpt save bad x --async")
+    handle = run(ip, "%ckpt save bad x --async")
     magics.report_async = True
     ckpt = magics.checkpointer
     deadline = time.monotonic() + 30
@@ -186,6 +220,9 @@ def test_a_failed_async_save_is_reported_after_the_cell_and_by_commit(ip, root, 
     run(ip, "1")
     err = capsys.readouterr().err
     assert "torchckpt: async save 'bad' FAILED" in err and "no space left" in err
+    with pytest.raises(WriteError, match="no space left on the device"):
+        handle.wait(timeout=5)  # what %ckpt save --async returned: the save's own error
+    assert handle.done() and handle.status == "failed"
     assert "no space left on the device" in usage_error(ip, "%ckpt commit bad")
     assert "no checkpoint 'bad'" in usage_error(ip, "%ckpt commit bad")  # reported once; nothing left
 
@@ -396,3 +433,84 @@ def test_load_unload_reload_leave_no_duplicate_hooks(ip, tmp_path):
     run(ip, "%load_ext torchckpt")
     assert counts() == (1, 1, 1)
     assert run(ip, "%ckpt dir") == tmp_path  # the root survives a reload
+
+
+# trait -> (a good value, how the Checkpointer shows it)
+OPTION_TRAITS = {
+    "lock_timeout": (5, lambda c: c.options.lock_timeout == 5 and c.store.lock_timeout == 5),
+    "progress_min_mb": (1, lambda c: c.progress_min_bytes == 1 << 20),
+    "auto_max_mb": (2, lambda c: c.auto_max_bytes == 2 << 20),
+    "max_inflight_mb": (64, lambda c: c.options.max_inflight_bytes == 64 << 20),
+    "pin_memory": (False, lambda c: c.options.pin_memory is False),
+    "poll_interval": (0.5, lambda c: c.options.poll_interval == 0.5),
+}
+
+
+@pytest.fixture
+def settings(ip):
+    """The magics; their option traits are put back to their defaults afterwards."""
+    magics = ip.magics_manager.registry["CkptMagics"]
+    yield magics
+    for name in OPTION_TRAITS:
+        setattr(magics, name, magics.trait_defaults(name))
+        ip.config.CkptMagics.pop(name, None)  # %config keeps even refused values in the shell's config
+
+
+@pytest.mark.parametrize("name", list(OPTION_TRAITS))
+def test_each_config_setting_reaches_the_checkpointer(ip, root, settings, name):
+    before = settings.checkpointer  # made before the %config
+    value, shows = OPTION_TRAITS[name]
+    assert not shows(before)
+    run(ip, f"%config CkptMagics.{name} = {value!r}")
+    assert getattr(settings, name) == value and shows(before)
+    run(ip, f"%ckpt dir {root}-elsewhere")  # a Checkpointer made after it
+    assert settings.checkpointer is not before and shows(settings.checkpointer)
+
+
+def test_config_reaches_the_async_writer_already_made(ip, root, settings):
+    run(ip, "import torch; w = torch.ones(10)")
+    run(ip, "%ckpt save a w --async").wait(timeout=60)
+    writer = settings.checkpointer._writer
+    assert writer.max_inflight_bytes is None
+    run(ip, "%config CkptMagics.max_inflight_mb = 0.5")
+    run(ip, "%config CkptMagics.pin_memory = False")
+    assert writer.max_inflight_bytes == 1 << 19 and writer.pin_memory is False
+    run(ip, "%config CkptMagics.max_inflight_mb = None")
+    run(ip, "%config CkptMagics.auto_max_mb = None")
+    assert writer.max_inflight_bytes is None and settings.checkpointer.auto_max_bytes is None
+    run(ip, "%config CkptMagics.auto_max_mb = -1")  # negative: no limit, as before
+    assert settings.checkpointer.auto_max_bytes is None
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("lock_timeout = -1", ("CkptMagics.lock_timeout = -1.0 is not valid: it must be a number of seconds >= 0; "
+                           "the setting is unchanged")),
+    ("progress_min_mb = -2", "CkptMagics.progress_min_mb = -2.0 is not valid: it must be a number of MiB >= 0"),
+    ("auto_max_mb = float('nan')", ("CkptMagics.auto_max_mb = nan is not valid: it must be a number of MiB "
+                                    "(negative or None: no limit)")),
+    ("max_inflight_mb = 0", "CkptMagics.max_inflight_mb = 0.0 is not valid: it must be a number of MiB > 0, or None"),
+    ("poll_interval = 0", "CkptMagics.poll_interval = 0.0 is not valid: it must be a number of seconds > 0, or None"),
+    ("lock_timeout = 'soon'", "The 'lock_timeout' trait of a CkptMagics instance expected a float, not the str 'soon'"),
+    ("pin_memory = 'yes'", "The 'pin_memory' trait of a CkptMagics instance expected a boolean, not the str 'yes'"),
+])
+def test_a_bad_config_value_is_one_line_and_changes_nothing(ip, root, settings, caplog, line, message):
+    before = settings.checkpointer.options
+    result = ip.run_cell(f"%config CkptMagics.{line}", store_history=False)
+    assert result.error_in_exec is None  # %config reports it as one logged line, never a traceback
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], errors
+    assert settings.checkpointer.options == before
+    name = line.split(" ")[0]
+    assert getattr(settings, name) == settings.trait_defaults(name)
+
+
+def test_reload_after_a_refused_config_value_names_it_and_loads(ip, root, settings, capsys):
+    ip.run_cell("%config CkptMagics.lock_timeout = 'soon'", store_history=False)  # refused, yet kept by IPython
+    ip.run_cell("%config CkptMagics.progress_min_mb = 3", store_history=False)
+    run(ip, "%reload_ext torchckpt")
+    err = capsys.readouterr().err
+    assert "torchckpt: ignoring the setting CkptMagics.lock_timeout: The 'lock_timeout' trait" in err
+    magics = ip.magics_manager.registry["CkptMagics"]
+    assert magics.lock_timeout == 60.0 and magics.progress_min_mb == 3  # the good setting stays
+    magics.progress_min_mb = 256.0
+    ip.config.CkptMagics.pop("progress_min_mb", None)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
+import torchckpt
 from torchckpt.errors import (
     CheckpointInUseError,
     IncompleteCheckpointError,
@@ -22,6 +24,7 @@ from torchckpt.errors import (
     WriteError,
 )
 from torchckpt.notebook import Checkpointer, SaveResult, parse_metrics
+from torchckpt.pending import PendingSave
 from torchckpt.state import infer_step
 
 
@@ -200,11 +203,29 @@ def test_no_commit_then_commit_with_new_metadata(ckpt, root):
     assert ckpt.commit("t").committed  # committing again is harmless
 
 
-def test_async_save_commits_in_background_and_reports_once(ckpt):
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
+    import torchckpt.serialization
+
+    gate = threading.Event()
+    real = torchckpt.serialization.save
+
+    def held(obj, stream, **kwargs):
+        assert gate.wait(60), "held_writes: never released"
+        return real(obj, stream, **kwargs)
+
+    monkeypatch.setattr(torchckpt.serialization, "save", held)
+    yield gate.set
+    gate.set()
+
+
+def test_async_save_commits_in_background_and_reports_once(ckpt, held_writes):
     ns = objects(0)
     expected = ns["weights"].clone()
     r = ckpt.save("a", ns, async_save=True)
     assert r.status == "committing"
+    held_writes()
     ns["weights"].zero_()  # the snapshot was taken at save time
     outcomes = ckpt.wait()
     assert [o.tag for o in outcomes] == ["a"] and outcomes[0].committed
@@ -212,6 +233,86 @@ def test_async_save_commits_in_background_and_reports_once(ckpt):
     fresh = {"weights": torch.zeros(5)}
     ckpt.load("a", fresh, ["weights"])
     assert torch.equal(fresh["weights"], expected)
+
+
+def test_async_save_returns_a_handle_done_once_committed(ckpt, root, held_writes):
+    ns = {"w": torch.arange(1 << 18, dtype=torch.float32), "b": torch.ones(1000), "step": 3}
+    handle = ckpt.save("a", ns, async_save=True, step=3)
+    assert isinstance(handle, PendingSave) and isinstance(handle, torchckpt.PendingSave)
+    assert handle.tag == "a" and handle.names == ["w", "b", "step"] and handle.step == 3
+    started = time.perf_counter()
+    assert not handle.done() and time.perf_counter() - started < 0.1  # never blocks
+    assert handle.status == "committing" and not handle.committed and handle.error is None
+    assert handle.bytes_written == 0 and handle.total_bytes >= (1 << 20) + 4000
+    assert repr(handle).startswith("<PendingSave 'a': writing 0 B of 1.0 MiB")
+    assert "saving in the background, 0 B of 1.0 MiB written; commits when written" in handle.to_text()
+    with pytest.raises(TimeoutError, match=r"save 'a' is still in flight after 0.05s \(0 B of 1.0 MiB written\)"):
+        handle.wait(timeout=0.05)
+    assert ckpt.pending() == ["a"] and not ckpt.store.info("a").committed
+    seen = []
+    handle.add_progress_callback(lambda done, total: seen.append((done, total)))
+    finished = []
+    handle.add_done_callback(finished.append)
+    ns["w"].zero_()  # the snapshot was taken at save time
+
+    held_writes()
+    result = handle.wait(timeout=60)
+    assert result.committed and handle.done() and handle.committed and handle.status == "committed"
+    assert finished == [handle] and handle.result() == result and handle.exception() is None
+    files = ckpt.store.info("a").manifest.files.values()
+    assert handle.bytes_written == handle.total_bytes == sum(f.size for f in files)
+    written = [done for done, _ in seen]
+    assert written == sorted(written) and written[-1] == handle.total_bytes
+    assert any(0 < done < handle.total_bytes for done in written), seen  # fed while writing, not only at the end
+    assert repr(handle) == "<PendingSave 'a': committed>" and "a: committed" in handle.to_text()
+    assert handle.objects[0].size > 0 and handle.checkpoint_size is not None
+    assert ckpt.commit("a") == result  # commit(tag) of an async save waits on the same handle
+    fresh = {"w": torch.ones(1 << 18)}
+    ckpt.load("a", fresh, ["w"])
+    assert torch.equal(fresh["w"], torch.arange(1 << 18, dtype=torch.float32))
+
+
+def test_a_failed_async_save_raises_its_own_error_from_the_handle(ckpt, root, disk_full):
+    ckpt.save("ok", {"x": 1})
+    disk_full()
+    handle = ckpt.save("bad", {"w": torch.ones(3)}, async_save=True)
+    with pytest.raises(WriteError, match=r"no space left on the device while writing .*objects/w.pt"):
+        handle.wait(timeout=60)
+    with pytest.raises(WriteError):
+        handle.result()
+    assert handle.done() and handle.status == "failed" and not handle.committed
+    assert isinstance(handle.error, WriteError) and handle.exception() is handle.error
+    assert repr(handle).startswith("<PendingSave 'bad': FAILED: WriteError: ") and "no space left" in repr(handle)
+    assert "FAILED" in handle.to_text()
+    with pytest.raises(WriteError, match="no space left"):  # commit(tag) still raises it, once
+        ckpt.commit("bad")
+    assert ckpt.pending() == [] and ckpt.store.latest() == "ok"
+
+
+def test_close_does_not_raise_again_an_error_the_handle_raised(root, disk_full):
+    c = Checkpointer(root)
+    disk_full()
+    handle = c.save("bad", {"w": torch.ones(3)}, async_save=True)
+    with pytest.raises(WriteError):
+        handle.wait(timeout=60)
+    c.close()  # already reported: not raised a second time
+    unseen = Checkpointer(root)
+    unseen.save("bad2", {"w": torch.ones(3)}, async_save=True)  # nobody asks its handle
+    with pytest.raises(WriteError, match="no space left"):
+        unseen.close()
+
+
+def test_async_no_commit_handle_is_done_when_written(ckpt, held_writes):
+    handle = ckpt.save("later", {"w": torch.ones(1000)}, async_save=True, commit=False)
+    assert handle.status == "writing" and not handle.commits and not handle.done()
+    held_writes()
+    result = handle.wait(timeout=60)
+    assert result.status == "uncommitted" and handle.status == "uncommitted" and not handle.committed
+    assert repr(handle) == "<PendingSave 'later': written, not committed>"
+    assert ckpt.pending() == ["later"] and ckpt.poll() == []  # still waits for commit(tag)
+    assert not ckpt.store.info("later").committed
+    assert ckpt.commit("later", note="now").committed
+    assert handle.committed and ckpt.store.info("later").metadata["note"] == "now"
 
 
 def test_async_no_commit_then_commit_waits(ckpt):
@@ -477,3 +578,36 @@ def test_gpu_checkpoint_loads_on_cpu_and_back(ckpt):
     assert ckpt.commit("g-async").committed
     sd = ckpt.store.load("g-async", "objects/model.pt")
     assert sd["weight"].device.type == "cuda"  # saved locations are kept
+
+
+def test_options_reach_the_store_and_the_async_writer(root):
+    from torchckpt.options import CheckpointOptions
+
+    opts = CheckpointOptions(lock_timeout=7, max_inflight_bytes=1 << 20, pin_memory=False, progress_min_bytes=10)
+    c = Checkpointer(root, options=opts)
+    try:
+        assert c.options is opts and c.store.lock_timeout == 7 and c.progress_min_bytes == 10
+        c.save("a", {"w": torch.ones(10)}, async_save=True).wait(timeout=60)
+        assert c._writer.max_inflight_bytes == 1 << 20 and c._writer.pin_memory is False
+        c.options = CheckpointOptions(lock_timeout=3, max_inflight_bytes=None, auto_max_bytes=None)
+        assert c.store.lock_timeout == 3 and c._writer.max_inflight_bytes is None and c.auto_max_bytes is None
+        c.auto_max_bytes = 100  # the old attributes still work, through the options (validated)
+        assert c.options.auto_max_bytes == 100 and c.options.lock_timeout == 3
+        with pytest.raises(ValueError, match=r"^progress_min_bytes must be a whole number of bytes >= 0, got -1$"):
+            c.progress_min_bytes = -1
+        with pytest.raises(TypeError, match="options must be a CheckpointOptions, got dict"):
+            c.options = {"lock_timeout": 3}
+    finally:
+        c.close()
+
+
+def test_the_old_keyword_arguments_still_work_over_options(root):
+    from torchckpt.options import CheckpointOptions
+
+    c = Checkpointer(root, options=CheckpointOptions(lock_timeout=9), progress_min_bytes=5, auto_max_bytes=None)
+    assert (c.options.lock_timeout, c.progress_min_bytes, c.auto_max_bytes) == (9, 5, None)
+    with pytest.raises(ValueError, match="auto_max_bytes must be"):
+        Checkpointer(root, auto_max_bytes=-1)
+    with pytest.raises(TypeError, match="options must be a CheckpointOptions"):
+        Checkpointer(root, options=3)
+    c.close()

@@ -80,6 +80,23 @@ def make_panel(root, ns):
         p.close()
 
 
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
+    import torchckpt.serialization
+
+    gate = threading.Event()
+    real = torchckpt.serialization.save
+
+    def held(obj, stream, **kwargs):
+        assert gate.wait(60), "held_writes: never released"
+        return real(obj, stream, **kwargs)
+
+    monkeypatch.setattr(torchckpt.serialization, "save", held)
+    yield gate.set
+    gate.set()
+
+
 def save(p, tag, *, note="", metrics=""):
     p.tag_input.value = tag
     p.note_input.value = note
@@ -167,14 +184,9 @@ def test_buttons_follow_the_selection_and_the_tag(make_panel):
     assert "save" not in enabled(p)
 
 
-def test_background_work_disables_buttons_and_does_not_block(make_panel, ns, monkeypatch):
+def test_background_work_disables_buttons_and_does_not_block(make_panel, ns, held_writes):
     held = HeldExecutor()
     p = make_panel(executor=held)
-    # The Checkpointer commits on a thread of its own: hold that commit too, or a fast machine
-    # commits 'bg' before the assertions below look at it.
-    gate = threading.Event()
-    commit = p.checkpointer._commit_now
-    monkeypatch.setattr(p.checkpointer, "_commit_now", lambda pending: gate.wait(60) and commit(pending))
     p.tag_input.value = "bg"
     p.save_button.click()  # returns after the snapshot; the writes and the commit are queued
     assert p.busy == "save"
@@ -187,7 +199,7 @@ def test_background_work_disables_buttons_and_does_not_block(make_panel, ns, mon
     saved_weight = ns["model"][0].weight.detach().clone()
     with torch.no_grad():
         ns["model"][0].weight.zero_()
-    gate.set()
+    held_writes()
     held.run_all()
     assert p.busy is None and "committed" in p.rows["bg"].cells["status"].value
     assert enabled(p) >= {"save", "load"}
@@ -203,6 +215,34 @@ def test_save_reports_progress(make_panel):
     save(p, "progress")
     assert any(0 < v < p.progress.max for v in seen), seen
     assert seen[-1] == p.progress.max
+
+
+def test_save_progress_follows_the_bytes_the_writer_reports(make_panel, held_writes):
+    held_jobs = HeldExecutor()
+    p = make_panel(executor=held_jobs)
+    seen = []
+    p.progress.observe(lambda change: seen.append(change["new"]), names="value")
+    p.tag_input.value = "fed"
+    p.save_button.click()  # the snapshot: the first fifth of the bar
+    snapshot_end = int(p.progress.max * panel_module._SNAPSHOT_SHARE)
+    assert p.progress.value == snapshot_end
+    job = threading.Thread(target=held_jobs.run_all)  # the panel's job: waits on the save's handle
+    job.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(t.name.startswith("torchckpt-writer") for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert p.progress.value == snapshot_end  # nothing written yet: the bar waits for bytes
+        assert not [t.name for t in threading.enumerate() if "panel-commit" in t.name]  # no thread of its own
+    finally:
+        held_writes()
+        job.join(60)
+    assert p.last_error is None, p.status.value
+    written = [v for v in seen if v > snapshot_end]
+    assert any(v < 0.99 * p.progress.max for v in written), seen  # fed while the files were being written
+    assert written == sorted(written) and seen[-1] == p.progress.max
+    assert "saved 'fed': committed" in text(p.status) and not hasattr(panel_module, "_bytes_under")
 
 
 def test_default_thread_executor_runs_save_and_load(root, ns):
@@ -418,6 +458,34 @@ def test_polls_while_a_save_made_elsewhere_is_pending(make_panel, root, ns):
     while "committed" not in p.rows["elsewhere"].cells["status"].value:
         assert time.monotonic() < deadline, "the panel did not pick up the commit"
         time.sleep(0.02)
+
+
+def test_poll_interval_follows_the_checkpointers_options(root, ns):
+    from dataclasses import replace
+
+    from torchckpt.options import CheckpointOptions
+
+    ckpt = Checkpointer(root, options=CheckpointOptions(poll_interval=0.05))
+    p = CheckpointPanel(checkpointer=ckpt, namespace=ns, executor="inline")  # no poll_interval of its own
+    try:
+        assert p.poll_interval == 0.05
+        ckpt.save("elsewhere", {"model": ns["model"]}, async_save=True, commit=False)
+        p.refresh()
+        threading.Thread(target=ckpt.commit, args=("elsewhere",)).start()
+        deadline = time.monotonic() + 10
+        while "committed" not in p.rows["elsewhere"].cells["status"].value:
+            assert time.monotonic() < deadline, "the panel did not poll at the options' interval"
+            time.sleep(0.02)
+        ckpt.options = replace(ckpt.options, poll_interval=None)  # %config CkptMagics.poll_interval = None
+        assert p.poll_interval is None
+        p.poll_interval = 3  # its own, from now on
+        ckpt.options = replace(ckpt.options, poll_interval=1.0)
+        assert p.poll_interval == 3
+    finally:
+        p.close()
+        ckpt.close()
+    with pytest.raises(ValueError, match=r"^poll_interval must be a number of seconds > 0, or None \(never\), got -1$"):
+        CheckpointPanel(root=root, namespace=ns, executor="inline", poll_interval=-1)
 
 
 def test_constructor_arguments(root, ns, monkeypatch):

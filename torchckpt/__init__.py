@@ -43,7 +43,9 @@ if TYPE_CHECKING:
     from .deepspeed.hf import last_committed_checkpoint
     from .deepspeed.lightning import LightningCallback
     from .notebook import Checkpointer
+    from .options import CheckpointOptions
     from .panel import CheckpointPanel
+    from .pending import PendingSave
     from .state import Stateful
     from .store import (
         CheckpointInfo,
@@ -70,7 +72,9 @@ _LAZY = {
     "UnverifiedLoadWarning": "store",
     "AsyncWriter": "async_writer",
     "Checkpointer": "notebook",
+    "CheckpointOptions": "options",
     "CheckpointPanel": "panel",
+    "PendingSave": "pending",
     "Stateful": "state",
 }
 
@@ -79,6 +83,7 @@ __all__ = [
     "AsyncWriter",
     "CheckpointInUseError",
     "CheckpointInfo",
+    "CheckpointOptions",
     "CheckpointPanel",
     "CheckpointStore",
     "Checkpointer",
@@ -99,6 +104,7 @@ __all__ = [
     "NotCheckpointableError",
     "NotTorchFileError",
     "ObjectNotFoundError",
+    "PendingSave",
     "RestoreError",
     "Stateful",
     "StoreLockedError",

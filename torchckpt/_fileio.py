@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +40,16 @@ class HashingWriter:
 
     With ``fd`` (the file's descriptor) it also starts the disk write-out of every
     ``writeback_every`` bytes (large writes are split so this happens within them too).
+    ``on_write(nbytes)`` is called after each piece is written (progress reports).
     """
 
     #: The :class:`WrittenFile`, set by :func:`atomic_writer` when its block completes.
     result: WrittenFile
 
-    def __init__(self, raw, *, fd: int | None = None, writeback_every: int = WRITEBACK_EVERY):
+    def __init__(self, raw, *, fd: int | None = None, writeback_every: int = WRITEBACK_EVERY,
+                 on_write: Callable[[int], None] | None = None):
         self._raw = raw
+        self._on_write = on_write
         self._hash = xxhash.xxh3_128()
         self.size = 0
         self._fd = fd
@@ -76,6 +79,8 @@ class HashingWriter:
             self.error = self.error or e
             raise
         self.size += len(view)
+        if self._on_write is not None:
+            self._on_write(len(view))
         if self._fd is not None and self.size - self._started >= self._every:
             self._raw.flush()
             _start_writeback(self._fd, self._started, self.size - self._started)
@@ -155,14 +160,15 @@ def _load_sync_file_range():
 
 @contextlib.contextmanager
 def atomic_writer(
-    final: Path, *, buffering: int = 1 << 20, writeback_every: int = WRITEBACK_EVERY
+    final: Path, *, buffering: int = 1 << 20, writeback_every: int = WRITEBACK_EVERY,
+    on_write: Callable[[int], None] | None = None,
 ) -> Iterator[HashingWriter]:
     """Yield a hashing stream whose bytes appear under ``final`` only if the block completes.
 
     On success the file is flushed, fsynced and renamed over ``final``; the caller must
     :func:`fsync_dir` the parent before publishing the file. On any failure the temporary file
     is removed and ``final`` is untouched. The resulting :class:`WrittenFile` is available as
-    ``writer.result`` after the block.
+    ``writer.result`` after the block. ``on_write(nbytes)`` is called as bytes are written.
     """
     final = Path(final)
     tmp = tmp_name(final)
@@ -170,7 +176,7 @@ def atomic_writer(
         raw = open(tmp, "xb", buffering=buffering)  # noqa: SIM115 - closed below on every path
     except OSError as e:
         raise WriteError(e.errno, describe_os_error(e, final)) from e
-    writer = HashingWriter(raw, fd=raw.fileno(), writeback_every=writeback_every)
+    writer = HashingWriter(raw, fd=raw.fileno(), writeback_every=writeback_every, on_write=on_write)
     try:
         try:
             yield writer

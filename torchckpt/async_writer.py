@@ -33,6 +33,7 @@ import copy
 import ctypes
 import enum
 import gc
+import inspect
 import logging
 import mmap
 import threading
@@ -57,14 +58,22 @@ CHUNK_ROUND = 2 << 20
 
 _IMMUTABLE = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size, enum.Enum)
 
-WriteFile = Callable[[Path, Any], WrittenFile]
+WriteFile = Callable[..., WrittenFile]
 
 
-def write_file(path: Path, obj: Any) -> WrittenFile:
-    """The default background write: ``obj`` to ``path`` atomically, hashed while written."""
-    with atomic_writer(path) as stream:
+def write_file(path: Path, obj: Any, *, on_write: Callable[[int], None] | None = None) -> WrittenFile:
+    """The default background write: ``obj`` to ``path`` atomically, hashed while written;
+    ``on_write(nbytes)`` is called as bytes reach the file."""
+    with atomic_writer(path, on_write=on_write) as stream:
         serialization.save(obj, stream)
     return stream.result
+
+
+def _takes_on_write(fn: Callable[..., Any]) -> bool:
+    try:
+        return "on_write" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # -- device tags ---------------------------------------------------------------------------
@@ -358,7 +367,9 @@ class AsyncWriter:
         keep_device: record tensors copied from a GPU under their device (``cuda:N``, as
             torch.save does); False records them as CPU tensors.
         write_file: the function that writes one snapshot, ``(path, obj) -> WrittenFile``
-            (default :func:`write_file`); tests wrap it to slow or fail writes.
+            (default :func:`write_file`); tests wrap it to slow or fail writes. One that takes
+            ``on_write=`` reports bytes as it writes them; for any other, a file's bytes are
+            reported when it is written.
 
     Example:
         >>> writer = AsyncWriter(max_inflight_bytes=2 << 30)
@@ -385,6 +396,7 @@ class AsyncWriter:
         self.max_inflight_bytes = max_inflight_bytes
         self.keep_device = keep_device
         self._write_file = write_file
+        self._reports_bytes = _takes_on_write(write_file)
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._arena = _HostArena(pin)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchckpt-writer")
@@ -396,12 +408,14 @@ class AsyncWriter:
         _register_location_tagger()
 
     # -- snapshot -------------------------------------------------------------------------
-    def submit(self, final: str | Path, obj: Any, *, on_done: Callable[[WrittenFile], None] | None = None) -> Future:
+    def submit(self, final: str | Path, obj: Any, *, on_done: Callable[[WrittenFile], None] | None = None,
+               on_write: Callable[[int], None] | None = None) -> Future:
         """Snapshot ``obj`` now; write it to ``final`` atomically in the background.
 
         Returns when the snapshot is taken (after waiting for room under ``max_inflight_bytes``).
         The future's result is the :class:`~torchckpt._fileio.WrittenFile`; ``on_done`` is
-        called with it on the writer thread.
+        called with it on the writer thread, and ``on_write(nbytes)`` as the file's bytes are
+        written (progress).
         """
         final = Path(final)
         with _gc_paused():
@@ -414,7 +428,7 @@ class AsyncWriter:
             with _gc_paused():
                 copies = self._copy(plan, snap)
                 snap.obj = _rebuild(obj, copies, {})
-            future = self._executor.submit(self._write, final, snap, on_done)
+            future = self._executor.submit(self._write, final, snap, on_done, on_write)
         except BaseException:
             self._release(snap)
             raise
@@ -528,10 +542,16 @@ class AsyncWriter:
             self._futures.discard(future)
 
     # -- writing ----------------------------------------------------------------------------
-    def _write(self, final: Path, snap: Snapshot, on_done: Callable[[WrittenFile], None] | None) -> WrittenFile:
+    def _write(self, final: Path, snap: Snapshot, on_done: Callable[[WrittenFile], None] | None,
+               on_write: Callable[[int], None] | None = None) -> WrittenFile:
         try:
             self._materialise(snap)
-            written = self._write_file(final, snap.obj)
+            if on_write is not None and self._reports_bytes:
+                written = self._write_file(final, snap.obj, on_write=on_write)
+            else:
+                written = self._write_file(final, snap.obj)
+                if on_write is not None:
+                    on_write(written.size)
         except WriteError:
             raise
         except Exception as e:
@@ -543,6 +563,19 @@ class AsyncWriter:
         return written
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    def pin_memory(self) -> bool:
+        """Whether snapshot memory is page-locked. Setting it applies to memory mapped from then on
+        (idle memory is returned at once; None: when CUDA is available)."""
+        return self._arena.pin
+
+    @pin_memory.setter
+    def pin_memory(self, value: bool | None) -> None:
+        pin = torch.cuda.is_available() if value is None else bool(value)
+        if pin != self._arena.pin:
+            self._arena.pin = pin
+            self._arena.release_idle()
+
     @property
     def inflight_bytes(self) -> int:
         """Snapshot bytes taken and not yet written."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -19,7 +20,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
-from traitlets import Bool, CaselessStrEnum, Float, Unicode
+from traitlets import Bool, CaselessStrEnum, Float, TraitError, Unicode, observe, validate
 from traitlets.config import Configurable
 
 from . import _format
@@ -269,7 +270,9 @@ def _doc() -> str:
         "",
         "User mistakes are reported without a traceback; each command returns a result object",
         "(r = %ckpt save ...), shown as a table. Configure with %config CkptMagics.root = 'dir',",
-        "CkptMagics.progress = 'auto'|'always'|'never', CkptMagics.quiet = True.",
+        "CkptMagics.progress = 'auto'|'always'|'never', CkptMagics.quiet = True, and the Checkpointer's",
+        "options: CkptMagics.lock_timeout, progress_min_mb, auto_max_mb, max_inflight_mb, pin_memory,",
+        "poll_interval (%config CkptMagics lists them).",
     ]
     return "\n".join(lines)
 
@@ -286,9 +289,56 @@ class CkptMagics(Magics, Configurable):
     ).tag(config=True)
     quiet = Bool(False, help="show one-line results by default (as -q)").tag(config=True)
     auto_max_mb = Float(
-        512.0, help="%ckpt save with no names leaves out tensors and arrays larger than this many MiB (with a note)"
+        512.0, allow_none=True,
+        help="%ckpt save with no names leaves out tensors and arrays larger than this many MiB (with a note); "
+             "negative or None: no limit",
     ).tag(config=True)
     report_async = Bool(True, help="after each cell, report async saves that finished").tag(config=True)
+    # The Checkpointer's options (torchckpt.options.CheckpointOptions), in %config's units.
+    lock_timeout = Float(
+        60.0, help="seconds to wait for another process's lock on the root before failing"
+    ).tag(config=True)
+    progress_min_mb = Float(
+        256.0, help="with progress 'auto', saves and loads of at least this many MiB show a progress bar"
+    ).tag(config=True)
+    max_inflight_mb = Float(
+        None, allow_none=True,
+        help="async saves: cap on snapshot memory not yet written, in MiB; a save beyond it waits (None: no cap)",
+    ).tag(config=True)
+    pin_memory = Bool(
+        None, allow_none=True, help="async saves: page-lock snapshot memory (None: when CUDA is available)"
+    ).tag(config=True)
+    poll_interval = Float(
+        2.0, allow_none=True,
+        help="the panel re-reads the root every this many seconds while a save made elsewhere commits (None: never)",
+    ).tag(config=True)
+
+    @validate("lock_timeout", "progress_min_mb", "auto_max_mb", "max_inflight_mb", "poll_interval")
+    def _check_option(self, proposal):
+        name, value = proposal["trait"].name, proposal["value"]
+        valid = _OPTION_RULES[name]
+        if not valid[0](value):
+            raise TraitError(f"CkptMagics.{name} = {value!r} is not valid: it must be {valid[1]}; "
+                             "the setting is unchanged")
+        return value
+
+    @observe("lock_timeout", "progress_min_mb", "auto_max_mb", "max_inflight_mb", "pin_memory", "poll_interval")
+    def _options_changed(self, change) -> None:
+        for ckpt in getattr(self, "_checkpointers", {}).values():  # those made before the %config too
+            ckpt.options = self.options()
+
+    def options(self):
+        """The Checkpointer options these settings make (:class:`~torchckpt.options.CheckpointOptions`)."""
+        from .options import CheckpointOptions
+
+        return CheckpointOptions(
+            lock_timeout=self.lock_timeout,
+            progress_min_bytes=_mib(self.progress_min_mb),
+            auto_max_bytes=None if self.auto_max_mb is None or self.auto_max_mb < 0 else _mib(self.auto_max_mb),
+            max_inflight_bytes=None if self.max_inflight_mb is None else max(1, _mib(self.max_inflight_mb)),
+            pin_memory=self.pin_memory,
+            poll_interval=self.poll_interval,
+        )
 
     def __init__(self, shell=None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
@@ -310,8 +360,7 @@ class CkptMagics(Magics, Configurable):
         if ckpt is None:
             from .notebook import Checkpointer  # imports torch: only on first use
 
-            ckpt = self._checkpointers[root] = Checkpointer(root)
-        ckpt.auto_max_bytes = int(self.auto_max_mb * (1 << 20)) if self.auto_max_mb >= 0 else None
+            ckpt = self._checkpointers[root] = Checkpointer(root, options=self.options())
         return ckpt
 
     def _namespace(self) -> dict[str, Any]:
@@ -534,6 +583,24 @@ class CkptMagics(Magics, Configurable):
         self._checkpointers.clear()
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+#: trait -> (accepts the value, what valid values are): checked when the trait is set (%config).
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lock_timeout": (lambda v: _finite(v) and v >= 0, "a number of seconds >= 0"),
+    "progress_min_mb": (lambda v: _finite(v) and v >= 0, "a number of MiB >= 0 (0: a bar for every save and load)"),
+    "auto_max_mb": (lambda v: v is None or _finite(v), "a number of MiB (negative or None: no limit)"),
+    "max_inflight_mb": (lambda v: v is None or _finite(v) and v > 0, "a number of MiB > 0, or None (no cap)"),
+    "poll_interval": (lambda v: v is None or _finite(v) and v > 0, "a number of seconds > 0, or None (never)"),
+}
+
+
+def _mib(value: float) -> int:
+    return int(value * (1 << 20))
+
+
 def _last_word(text: str) -> str:
     return "" if not text or text[-1].isspace() else text.split()[-1]
 
@@ -584,10 +651,31 @@ _COMPLETE_KEY = "%ckpt"
 def load_ipython_extension(ip) -> None:
     """Register ``%ckpt`` (``%load_ext torchckpt``). Idempotent: a previous instance is removed first."""
     unload_ipython_extension(ip)
+    _drop_bad_settings(ip.config)
     magics = CkptMagics(shell=ip, config=ip.config, parent=ip)
     ip.register_magics(magics)  # Magics.__init__ already put it in ip.configurables (for %config)
     ip.events.register("post_run_cell", magics.post_run_cell)
     ip.set_hook("complete_command", magics.complete, str_key=_COMPLETE_KEY)
+
+
+def _drop_bad_settings(config) -> None:
+    """Remove (and name) CkptMagics settings in the shell's config that the traits refuse.
+
+    IPython's ``%config`` keeps a refused value in the shell's shared config, so without this a
+    ``%reload_ext torchckpt`` after a typo would fail; a bad value from a config file likewise.
+    """
+    if "CkptMagics" not in config:
+        return
+    section = config.CkptMagics
+    probe = CkptMagics()
+    for name in list(section):
+        if name not in CkptMagics.class_trait_names(config=True):
+            continue  # traitlets warns about unknown names itself
+        try:
+            setattr(probe, name, section[name])
+        except TraitError as e:
+            print(f"torchckpt: ignoring the setting CkptMagics.{name}: {_one_line(e)}", file=sys.stderr)
+            del section[name]
 
 
 def unload_ipython_extension(ip) -> None:

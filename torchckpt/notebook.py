@@ -50,17 +50,21 @@ from .errors import (
 )
 from .layout import RNG_FILE, object_file
 from .manifest import check_metadata, validate_tag
+from .options import CheckpointOptions
 from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyReport
 
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
     from .diff import CheckpointDiff
+    from .pending import PendingSave
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "torchckpt-notebook/1"
-#: Saves and loads of at least this many bytes show a progress bar when ``progress=None``.
-PROGRESS_MIN_BYTES = 256 << 20
+#: Saves and loads of at least this many bytes show a progress bar when ``progress=None``
+#: (``CheckpointOptions.progress_min_bytes``' default).
+PROGRESS_MIN_BYTES = CheckpointOptions.progress_min_bytes
+_UNSET: Any = object()
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -404,7 +408,13 @@ class _Pending:
     metadata: dict[str, Any]
     result: SaveResult
     started: float
-    future: Future | None = None  # the background commit of an async save
+    future: Future | None = None  # an async save's background work: its commit, or (commit=False) its writes
+    handle: PendingSave | None = None  # what the async save returned, over ``future``
+
+    @property
+    def commits(self) -> bool:
+        """An async save that commits in the background once written."""
+        return self.handle is not None and self.handle.commits
 
 
 class Checkpointer:
@@ -412,10 +422,10 @@ class Checkpointer:
 
     Args:
         root: the checkpoint root (created on first save).
-        progress_min_bytes: with ``progress=None``, saves and loads at least this large show
-            a progress bar.
-        auto_max_bytes: :meth:`discover` leaves out tensors and arrays larger than this (None:
-            no limit); named objects are saved whatever their size.
+        options: the settings (:class:`~torchckpt.options.CheckpointOptions`: lock timeout,
+            progress threshold, ``auto_max_bytes``, async memory cap and pinning, the panel's
+            poll interval); assign :attr:`options` to change them later.
+        progress_min_bytes, auto_max_bytes: the options of those names, over ``options``.
 
     Example:
         >>> ckpt = Checkpointer("checkpoints")
@@ -424,11 +434,15 @@ class Checkpointer:
         >>> ckpt.diff("warmup", "latest")
     """
 
-    def __init__(self, root: str | os.PathLike, *, progress_min_bytes: int = PROGRESS_MIN_BYTES,
-                 auto_max_bytes: int | None = state.MAX_AUTO_BYTES):
-        self.store = CheckpointStore(root)
-        self.progress_min_bytes = progress_min_bytes
-        self.auto_max_bytes = auto_max_bytes
+    def __init__(self, root: str | os.PathLike, *, options: CheckpointOptions | None = None,
+                 progress_min_bytes: int = _UNSET, auto_max_bytes: int | None = _UNSET):
+        options = _checked_options(options)
+        given: dict[str, Any] = {"progress_min_bytes": progress_min_bytes, "auto_max_bytes": auto_max_bytes}
+        given = {k: v for k, v in given.items() if v is not _UNSET}
+        if given:
+            options = replace(options, **given)  # validated again
+        self.store = CheckpointStore(root, lock_timeout=options.lock_timeout)
+        self._options = options
         self._pending: dict[str, _Pending] = {}
         self._finished: list[SaveResult] = []
         self._failed: dict[str, SaveResult] = {}
@@ -440,6 +454,37 @@ class Checkpointer:
     @property
     def root(self) -> Path:
         return self.store.root
+
+    @property
+    def options(self) -> CheckpointOptions:
+        """The settings; assigning new ones applies them from the next operation on (the lock
+        timeout, the async writer's memory cap and pinning included)."""
+        return self._options
+
+    @options.setter
+    def options(self, options: CheckpointOptions) -> None:
+        options = _checked_options(options)
+        self._options = options
+        self.store.lock_timeout = options.lock_timeout
+        if self._writer is not None:
+            self._writer.max_inflight_bytes = options.max_inflight_bytes
+            self._writer.pin_memory = options.pin_memory
+
+    @property
+    def progress_min_bytes(self) -> int:
+        return self._options.progress_min_bytes
+
+    @progress_min_bytes.setter
+    def progress_min_bytes(self, value: int) -> None:
+        self.options = replace(self._options, progress_min_bytes=value)
+
+    @property
+    def auto_max_bytes(self) -> int | None:
+        return self._options.auto_max_bytes
+
+    @auto_max_bytes.setter
+    def auto_max_bytes(self, value: int | None) -> None:
+        self.options = replace(self._options, auto_max_bytes=value)
 
     def __repr__(self) -> str:
         return f"Checkpointer({str(self.root)!r})"
@@ -487,7 +532,7 @@ class Checkpointer:
         progress: bool | Callable[[int, int], None] | None = None,
         overwrite: bool = False,
         left_out: Mapping[str, str] | None = None,
-    ) -> SaveResult:
+    ) -> SaveResult | PendingSave:
         """Save ``objects`` (name -> live object) as ``tag``, with the RNG states.
 
         Args:
@@ -505,8 +550,10 @@ class Checkpointer:
                 :meth:`discover`); the result's notes list them.
 
         Returns:
-            A :class:`SaveResult`; for async saves its status is ``committing`` or ``writing``
-            (:meth:`poll` reports the outcome, :meth:`commit` waits for it).
+            A :class:`SaveResult`; for async saves a :class:`~torchckpt.pending.PendingSave`, the
+            handle of the background work (``done()``, ``wait()``, ``bytes_written``...), whose
+            status is ``committing`` or ``writing`` until it is done. :meth:`poll` also reports
+            the outcome, and :meth:`commit` waits for it.
 
         Raises:
             NotCheckpointableError: an object cannot be saved (nothing was written).
@@ -538,9 +585,14 @@ class Checkpointer:
         writer = self._async_writer() if async_save else None
         total = sum(state.payload_bytes(p) for p in payloads.values())
         bar = _Progress(progress, total, f"save {tag}", self.progress_min_bytes)
+        handle = None
+        if async_save:
+            from .pending import PendingSave
+
+            handle = PendingSave(tag, total_bytes=total + state.payload_bytes(rng), commits=commit)
         tx = None
         try:
-            tx = self.store.transaction(tag, writer=writer)
+            tx = self.store.transaction(tag, writer=writer, on_write=handle._add_bytes if handle else None)
             for name, kind in kinds.items():
                 if kind == "deepspeed":
                     from .deepspeed.notebook import save_engine  # imports DeepSpeed
@@ -581,9 +633,11 @@ class Checkpointer:
         result.seconds = time.perf_counter() - started
         with self._lock:
             self._pending[tag] = pending
-            if commit:
-                pending.future = self._background().submit(self._commit_quietly, pending)
-        return replace(result)
+            if handle is not None:
+                pending.handle = handle  # before the work starts: it reads pending.commits
+                pending.future = self._background().submit(self._finish_async, pending)
+                handle._start(replace(result), pending.future)
+        return handle if handle is not None else replace(result)
 
     def _clear_tag(self, tag: str, *, overwrite: bool) -> bool:
         """Make room for a new save of ``tag``; True if a previous one was replaced."""
@@ -601,7 +655,7 @@ class Checkpointer:
             if old.future is not None:
                 with contextlib.suppress(Exception):
                     old.future.result()  # its outcome is superseded by this save
-            else:
+            if not old.commits:
                 old.tx.abort()
         if (self.root / tag).is_dir():
             self.store.delete(tag, allow_latest=True)
@@ -620,7 +674,8 @@ class Checkpointer:
         if self._writer is None:
             from .async_writer import AsyncWriter
 
-            self._writer = AsyncWriter()
+            self._writer = AsyncWriter(max_inflight_bytes=self._options.max_inflight_bytes,
+                                       pin_memory=self._options.pin_memory)
         return self._writer
 
     def _background(self) -> ThreadPoolExecutor:
@@ -639,9 +694,20 @@ class Checkpointer:
         self._fill_sizes(result, manifest)
         return result
 
-    def _commit_quietly(self, pending: _Pending) -> SaveResult:
-        """The background commit of an async save (errors stay with the future, and are reported)."""
-        return self._commit_now(pending)
+    def _finish_async(self, pending: _Pending) -> SaveResult:
+        """An async save's background work: wait for its writes, then commit (unless it was saved
+        with ``commit=False``). Errors stay with the future: the handle, poll and commit report them."""
+        if pending.commits:
+            return self._commit_now(pending)
+        try:
+            pending.tx.wait()
+        except BaseException:
+            pending.tx.abort()
+            self._discard(pending.result.tag)
+            raise
+        result = replace(pending.result, status="uncommitted", seconds=time.perf_counter() - pending.started)
+        self._fill_sizes(result, None)
+        return result
 
     def _fill_sizes(self, result: SaveResult, manifest: Any) -> None:
         result.objects = [replace(o) for o in result.objects]
@@ -657,7 +723,8 @@ class Checkpointer:
                     obj.size = (self.root / result.tag / obj.file).stat().st_size
 
     def commit(self, tag: str, *, note: str | None = None, metrics: dict | None = None) -> SaveResult:
-        """Commit a tag saved with ``commit=False``, or wait for an async save's commit.
+        """Commit a tag saved with ``commit=False``, or wait for an async save's commit
+        (its :class:`~torchckpt.pending.PendingSave`'s ``wait()``).
 
         Args:
             tag: a tag this Checkpointer saved. A tag that is already committed is left as is.
@@ -686,19 +753,24 @@ class Checkpointer:
                 "save it again, or remove it with rm or gc"
             )
         try:
-            if pending.future is not None:
-                result = pending.future.result()
+            if pending.commits:
+                assert pending.handle is not None
+                result = pending.handle.wait()
             else:
+                if pending.handle is not None:
+                    pending.handle.wait()  # the background writes; raises their error
                 if note is not None:
                     pending.metadata["note"] = note
                 if metrics is not None:
                     pending.metadata["metrics"] = check_metadata({"m": dict(metrics)})["m"]
                 result = self._commit_now(pending)
+                if pending.handle is not None:
+                    pending.handle._set_committed(result)
         finally:
             with self._lock:
                 if self._pending.get(tag) is pending:
                     del self._pending[tag]
-        if note is not None and pending.future is not None:
+        if note is not None and pending.commits:
             logger.warning("note for %s ignored: its async save was committed with the note given at save time", tag)
         return result
 
@@ -706,7 +778,8 @@ class Checkpointer:
         """Tags saved by this Checkpointer and not yet committed (async ones included)."""
         with self._lock:
             running = [t for t, p in self._pending.items()
-                       if p.future is None or not p.future.done() or p.future.exception() is not None]
+                       if not p.commits or p.future is None or not p.future.done()
+                       or p.future.exception() is not None]
             return running + [t for t in self._failed if t not in running]
 
     def poll(self) -> list[SaveResult]:
@@ -717,7 +790,7 @@ class Checkpointer:
         done = []
         with self._lock:
             for tag, p in list(self._pending.items()):
-                if p.future is None or not p.future.done():
+                if not p.commits or p.future is None or not p.future.done():
                     continue
                 del self._pending[tag]
                 error = p.future.exception()
@@ -789,7 +862,7 @@ class Checkpointer:
         if tag is not None and tag != "latest":
             with self._lock:
                 pending = self._pending.get(tag)
-            if pending is not None and pending.future is not None:
+            if pending is not None and pending.commits:
                 self.commit(tag)  # an async save of this tag: load it once committed
         tag = self.store.resolve(tag)
         info = self.store.info(tag)
@@ -925,10 +998,13 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for async saves to commit; leave uncommitted tags incomplete; free the buffers.
 
-        Raises the first error of an async save that was never reported.
+        Raises the first error of an async save that was never reported (by :meth:`poll`,
+        :meth:`commit`, or its handle's ``wait()``/``result()``/``exception()``).
         """
         if self._closed:
             return
+        with self._lock:
+            handles = {t: p.handle for t, p in self._pending.items() if p.handle is not None}
         outcomes = self.wait()
         with self._lock:
             for p in self._pending.values():
@@ -939,7 +1015,8 @@ class Checkpointer:
             self._writer.shutdown()
         if self._committer is not None:
             self._committer.shutdown(wait=True)
-        failed = [r for r in outcomes if r.error is not None]
+        failed = [r for r in outcomes if r.error is not None
+                  and not (r.tag in handles and handles[r.tag]._error_delivered)]
         if failed:
             assert failed[0].error is not None  # failed holds only results with an error
             raise failed[0].error
@@ -949,6 +1026,15 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _checked_options(options: Any) -> CheckpointOptions:
+    if options is None:
+        return CheckpointOptions()
+    if not isinstance(options, CheckpointOptions):
+        raise TypeError(f"options must be a CheckpointOptions, got {type(options).__name__}: "
+                        "Checkpointer(root, options=CheckpointOptions(lock_timeout=120, ...))")
+    return options
 
 
 def _file_names(names: Iterable[str]) -> dict[str, str]:

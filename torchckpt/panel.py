@@ -10,7 +10,9 @@ It is a shell: every button calls one Checkpointer (or store) method and renders
 Threads. Widget callbacks run on the kernel's main thread, between cells. Save takes its
 snapshot there (the async path: tensors are copied into host buffers, so the checkpoint holds
 the values of the moment of the click even if a cell changes them right after), then the
-writes, the commit, verify, diff and delete run on a worker thread, so the kernel stays free.
+writes and the commit run in the background (the progress bar follows the save's
+:class:`~torchckpt.pending.PendingSave`, fed by the writer); verify, diff and delete run on a
+worker thread, so the kernel stays free.
 Load alone runs in the callback: it changes the live objects, and on the kernel's thread no cell
 can run halfway through it. Workers touch widgets only by setting traits (never ``with out:``)
 and log through ``Output.outputs``. Headless tests pass a synchronous ``executor``.
@@ -36,6 +38,8 @@ from . import _format
 from .errors import InvalidArgumentError, TagNotFoundError, TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
+from .options import CheckpointOptions
+from .pending import PendingSave
 from .store import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ _SNAPSHOT_SHARE = 0.2
 _PROGRESS_MAX = 1000
 #: Log entries kept (the oldest are dropped).
 _LOG_LIMIT = 200
+#: ``poll_interval``'s default: follow the Checkpointer's options.
+_FROM_OPTIONS: Any = object()
 
 _SORTS: dict[str, Callable[[CheckpointInfo], Any]] = {
     "newest first": lambda i: (-i.created, i.tag),
@@ -147,7 +153,9 @@ class CheckpointPanel:
         executor: runs the background work (default: one worker thread). Pass
             ``"inline"`` to run everything on the calling thread (tests, scripts).
         poll_interval: seconds between re-reads of the root while some save is still
-            committing; None turns this off.
+            committing; None turns this off. Default: the Checkpointer's
+            ``options.poll_interval`` (2 s; ``%config CkptMagics.poll_interval``), as it is at
+            each re-read.
 
     Example:
         >>> panel = CheckpointPanel(root="checkpoints", namespace=globals())
@@ -163,10 +171,11 @@ class CheckpointPanel:
         *,
         root: Any = None,
         executor: Executor | str | None = None,
-        poll_interval: float | None = 2.0,
+        poll_interval: float | None = _FROM_OPTIONS,
     ):
         if (checkpointer is None) == (root is None):
             raise TypeError("CheckpointPanel takes a checkpointer or a root (one of them, not both)")
+        self.poll_interval = poll_interval  # checked before anything is made
         self._owns_checkpointer = checkpointer is None
         self.checkpointer = checkpointer if checkpointer is not None else Checkpointer(root)
         if namespace is None:
@@ -178,7 +187,6 @@ class CheckpointPanel:
         elif isinstance(executor, str):
             raise InvalidArgumentError(f"executor must be an Executor or 'inline', got {executor!r}")
         self._executor: Executor = executor or ThreadPoolExecutor(1, thread_name_prefix="torchckpt-panel")
-        self.poll_interval = poll_interval
         self._lock = threading.RLock()
         self._log_lock = threading.Lock()
         self._future: Future | None = None
@@ -295,6 +303,19 @@ class CheckpointPanel:
 
     # -- public state ----------------------------------------------------------------------------
     @property
+    def poll_interval(self) -> float | None:
+        """Seconds between re-reads while a save made elsewhere commits (None: never)."""
+        if self._poll_interval is _FROM_OPTIONS:
+            return self.checkpointer.options.poll_interval
+        return self._poll_interval
+
+    @poll_interval.setter
+    def poll_interval(self, value: float | None) -> None:
+        if value is not _FROM_OPTIONS:
+            CheckpointOptions(poll_interval=value)  # ValueError naming poll_interval and its valid values
+        self._poll_interval = value
+
+    @property
     def rows(self) -> dict[str, _Row]:
         """tag -> its table row (``row.checkbox``, ``row.cells``), in display order."""
         return dict(self._rows)
@@ -403,7 +424,8 @@ class CheckpointPanel:
 
     def _schedule_poll(self) -> None:
         """While a save made elsewhere (magics, code) is committing, re-read the root now and then."""
-        if self.poll_interval is None or self._closed or self._timer is not None:
+        interval = self.poll_interval
+        if interval is None or self._closed or self._timer is not None:
             return
         if not self._pending or self._busy:
             return
@@ -417,7 +439,7 @@ class CheckpointPanel:
             panel._timer = None
             panel._safely("refresh", panel.refresh)
 
-        self._timer = threading.Timer(self.poll_interval, tick)
+        self._timer = threading.Timer(interval, tick)
         self._timer.daemon = True
         self._timer.start()
 
@@ -594,61 +616,38 @@ class CheckpointPanel:
         objects = {n: self.namespace[n] for n in names}
         commit = self.commit_toggle.value
         self._set_busy("save")
-        totals = [0]
-        snapshot = self._progress(0.0, _SNAPSHOT_SHARE)
-
-        def on_snapshot(done: int, total: int) -> None:
-            totals[0] = total
-            snapshot(done, total)
-
         try:
             # The snapshot runs here, on the kernel's thread, so it is consistent with the cell
             # that ran last; the writes and the commit continue in the background.
-            result = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
-                                            metrics=metrics or None, step=self._step(), progress=on_snapshot,
-                                            overwrite=overwrite)
+            handle = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
+                                            metrics=metrics or None, step=self._step(),
+                                            progress=self._progress(0.0, _SNAPSHOT_SHARE), overwrite=overwrite)
         except BaseException:
             self._set_idle()
             raise
+        assert isinstance(handle, PendingSave)  # async_save=True always returns one
         self.tag_input.value = self.checkpointer.default_tag(self._step())
         self.note_input.value = self.metrics_input.value = ""
         self._selected = [tag]
         self._safely("refresh", self.refresh)
         self.select(tag)
         if not commit:
-            self._say(f"saved {tag!r} ({', '.join(result.names)}), writing in the background; "
+            self._say(f"saved {tag!r} ({', '.join(handle.names)}), writing in the background; "
                       "not committed: tick it and click Commit")
-            self._run("save", lambda: self._wait_written(tag, totals[0], commit=False), busy=True)
+        else:
+            self.status.value = html.escape(f"saving {tag!r}: writing in the background...")
+        self._run("save", lambda: self._wait_written(handle), busy=True)
+
+    def _wait_written(self, handle: PendingSave) -> None:
+        """Show the background writes' progress (the handle's bytes written, fed by the writer);
+        wait for the writes, and for the commit of a save that commits."""
+        handle.add_progress_callback(self._progress(_SNAPSHOT_SHARE, 0.99))
+        if not handle.commits:
+            handle.wait()  # the writes; a failure is shown now (Commit would raise it again)
             return
-        self.status.value = html.escape(f"saving {tag!r}: writing in the background...")
-        self._run("save", lambda: self._wait_written(tag, totals[0], commit=True), busy=True)
-
-    def _wait_written(self, tag: str, total: int, *, commit: bool) -> None:
-        """Show the background writes' progress (bytes on disk); with ``commit``, wait for the commit."""
-        if not commit:
-            self.progress.value = _PROGRESS_MAX
-            return
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
-
-        def wait_commit() -> None:
-            try:
-                outcome["result"] = self.checkpointer.commit(tag)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, on the job's thread
-                outcome["error"] = e
-            finally:
-                done.set()
-
-        threading.Thread(target=wait_commit, name="torchckpt-panel-commit", daemon=True).start()
-        written = self._progress(_SNAPSHOT_SHARE, 0.99)
-        tag_dir = self.checkpointer.root / tag
-        while not done.wait(0.05):
-            written(_bytes_under(tag_dir), total)
-        if "error" in outcome:
-            raise outcome["error"]
-        result = outcome["result"]
-        size = _format.human_size(self.checkpointer.store.info(tag).size)
-        self._say(f"saved {tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
+        result = self.checkpointer.commit(handle.tag)  # waits on the handle; reports the outcome once
+        size = _format.human_size(self.checkpointer.store.info(handle.tag).size)
+        self._say(f"saved {handle.tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
 
     @_handler("load")
     def _on_load(self, _: Any = None) -> None:
@@ -835,16 +834,6 @@ def _descendants(widget: w.Widget) -> Iterable[w.Widget]:
     for child in getattr(widget, "children", ()):
         yield from _descendants(child)
     yield widget
-
-
-def _bytes_under(path) -> int:
-    total = 0
-    with contextlib.suppress(OSError):
-        for p in path.rglob("*"):
-            with contextlib.suppress(OSError):
-                if p.is_file():
-                    total += p.stat().st_size
-    return total
 
 
 def _valid_tag(tag: str) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError, NotCheckpointableError, RestoreError
+from .options import AUTO_MAX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ MAX_AUTO_VALUE_ITEMS = 10_000
 #: Auto-discovery leaves out tensors, arrays and values holding more bytes than this (a data set
 #: loaded into memory is not training state); naming an object saves it whatever its size.
 #: Modules, optimizers and other objects with a state_dict() are always included.
-MAX_AUTO_BYTES = 512 << 20
+MAX_AUTO_BYTES = AUTO_MAX_BYTES  # CheckpointOptions.auto_max_bytes' default
 #: Variables that hold the training step, looked up (in order) by :func:`infer_step`.
 STEP_NAMES = ("global_step", "step")
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -424,9 +424,14 @@ class CheckpointStore:
         *,
         writer: AsyncWriter | None = None,
         coordinator: Coordinator | None = None,
+        on_write: Callable[[int], None] | None = None,
     ) -> Transaction:
-        """Begin writing ``tag``: nothing is visible as committed until :meth:`Transaction.commit`."""
-        return Transaction(self, tag, writer=writer, coordinator=coordinator)
+        """Begin writing ``tag``: nothing is visible as committed until :meth:`Transaction.commit`.
+
+        ``on_write(nbytes)`` is called as the bytes of the tag's files are written (on the writer
+        thread for background writes): progress reports.
+        """
+        return Transaction(self, tag, writer=writer, coordinator=coordinator, on_write=on_write)
 
     def set_latest(self, tag: str) -> None:
         """Replace ``latest`` atomically (the caller holds :meth:`lock`)."""
@@ -685,11 +690,12 @@ class Transaction:
     incomplete, temporary files are removed).
     """
 
-    def __init__(self, store: CheckpointStore, tag: str, *, writer=None, coordinator=None):
+    def __init__(self, store: CheckpointStore, tag: str, *, writer=None, coordinator=None, on_write=None):
         self.store = store
         self.tag = validate_tag(tag)
         self.dir = store.root / self.tag
         self.writer = writer
+        self.on_write: Callable[[int], None] | None = on_write
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
         self._records: dict[str, FileRecord] = {}
         self._pending: list[Any] = []
@@ -775,11 +781,12 @@ class Transaction:
                                 "written")
         final.parent.mkdir(parents=True, exist_ok=True)
         if self.writer is not None:
-            self._pending.append(self.writer.submit(final, obj, on_done=lambda w, r=relpath: self._record(r, w)))
+            self._pending.append(self.writer.submit(final, obj, on_done=lambda w, r=relpath: self._record(r, w),
+                                                    on_write=self.on_write))
             return
         from . import serialization
 
-        with atomic_writer(final) as stream:
+        with atomic_writer(final, on_write=self.on_write) as stream:
             serialization.save(obj, stream)
         self._record(relpath, stream.result)
 
