@@ -57,6 +57,12 @@ def ds_dist():
     if not dist.is_initialized():
         # DeepSpeed reads these again in every initialize(), so they stay set for the session.
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ["MASTER_PORT"] = str(free_port(range(29500, 29600)))
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        for attempt in range(5):  # a port found free can be taken by another process before we listen
+            os.environ["MASTER_PORT"] = str(free_port(range(29500, 29600)))
+            try:
+                deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+                break
+            except RuntimeError as e:  # torch.distributed.DistNetworkError: EADDRINUSE
+                if "EADDRINUSE" not in str(e) or attempt == 4:
+                    raise
     return dist
