@@ -24,7 +24,7 @@ from .store import CheckpointInfo, CheckpointStore
 _CHUNK = 1 << 24
 #: How many rows of each kind the rendered diff shows (the result object holds them all).
 SHOW = 20
-_META_SKIP = frozenset({"objects", "format", "rng"})
+_META_SKIP = frozenset({"objects", "format", "rng", "parent", "content_keys"})  # bookkeeping, not results
 
 
 @dataclass
