@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,35 +133,64 @@ class Candidates:
         return len(self.by_sum)
 
 
+# -- files whose checksum this process knows ------------------------------------------------------------
+#: (st_dev, st_ino) -> (size, mtime_ns, ctime_ns, checksum) of files this process hashed: written
+#: through the hashing writer, or re-hashed when linked. Any write to a file changes its mtime and
+#: ctime (a ctime cannot be set back), so a file whose identity still matches need not be re-hashed.
+_confirmed: dict[tuple[int, int], tuple[int, int, int, str]] = {}
+_confirmed_lock = threading.Lock()
+_CONFIRMED_MAX = 100_000
+
+
+def confirm(path: Path, checksum: str) -> None:
+    """Remember that ``path``, as it is now, has ``checksum`` (the caller just hashed its bytes)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    with _confirmed_lock:
+        if len(_confirmed) >= _CONFIRMED_MAX:
+            _confirmed.clear()
+        _confirmed[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, checksum)
+
+
+def _known(st: os.stat_result, checksum: str) -> bool:
+    with _confirmed_lock:
+        return _confirmed.get((st.st_dev, st.st_ino)) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, checksum)
+
+
 # -- placing a link ---------------------------------------------------------------------------------
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.ENOSYS}
 
 
-def _source_problem(cand: Candidate) -> str | None:
+def _source_problem(cand: Candidate) -> tuple[str | None, os.stat_result | None]:
     from .store import _file_problem
 
     if problem := _file_problem(cand.tag_dir, cand.record.path):
-        return problem
+        return problem, None
     try:
         st = os.lstat(cand.tag_dir / cand.record.path)
     except OSError as e:
-        return f"unreadable ({e.strerror})"
+        return f"unreadable ({e.strerror})", None
     if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
+        return "is not a regular file", None
     if st.st_size != cand.record.size:
-        return f"size {st.st_size} bytes, its manifest says {cand.record.size}"
-    return None
+        return f"size {st.st_size} bytes, its manifest says {cand.record.size}", None
+    return None, st
 
 
 def place(final: Path, cand: Candidate, *, verify: bool = True) -> str | None:
     """Make ``final`` the same file as ``cand``: a hard link (or a copy where links fail),
     made under a temporary name, checked against the candidate's manifest record (re-hashed
-    when ``verify``), fsynced and renamed into place. Returns ``"linked"``/``"copied"``, or
-    None when the candidate cannot be used (gone, damaged, tampered): write the file instead."""
+    when ``verify``, unless this process hashed that very file and it has not changed since: same
+    inode, size, mtime and ctime), fsynced and renamed into place. Returns ``"linked"``/``"copied"``,
+    or None when the candidate cannot be used (gone, damaged, tampered): write the file instead."""
     source = cand.tag_dir / cand.record.path
-    if problem := _source_problem(cand):
+    problem, before = _source_problem(cand)
+    if problem or before is None:
         logger.warning("not sharing %s/%s: %s", cand.tag, cand.record.path, problem)
         return None
+    known = _known(before, cand.record.checksum)
     tmp = tmp_name(final)
     try:
         try:
@@ -176,7 +206,9 @@ def place(final: Path, cand: Candidate, *, verify: bool = True) -> str | None:
         st = os.lstat(tmp)
         if not stat.S_ISREG(st.st_mode) or st.st_size != cand.record.size:
             raise _Mismatch(f"size {st.st_size}, manifest says {cand.record.size}")
-        if verify or how == "copied":
+        # (linking changes the inode's ctime, not its mtime: a write in between shows in the mtime)
+        unchanged = how == "linked" and (st.st_ino, st.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        if (verify and not (known and unchanged)) or how == "copied":
             size, checksum = checksum_file(tmp)
             if (size, checksum) != (cand.record.size, cand.record.checksum):
                 raise _Mismatch("checksum mismatch (bytes changed since its commit)")
@@ -186,6 +218,7 @@ def place(final: Path, cand: Candidate, *, verify: bool = True) -> str | None:
         finally:
             os.close(fd)
         os.replace(tmp, final)
+        confirm(final, cand.record.checksum)
     except _Mismatch as e:
         logger.warning("not sharing %s/%s: %s; writing a new file (torchckpt verify %s)",
                        cand.tag, cand.record.path, e, cand.tag)

@@ -604,6 +604,8 @@ class Checkpointer:
                     continue
                 try:
                     tx.write(files[name], payload)
+                    if writer is None and (rec := tx.record_of(files[name])) is not None:
+                        dedup.confirm(tx.dir / files[name], rec.checksum)  # hashed as it was written
                 except TorchckptError:
                     raise
                 except Exception as e:
