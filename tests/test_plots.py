@@ -45,7 +45,7 @@ def test_metric_plot_has_one_line_per_branch(tmp_path):
         assert set(data) == {"slow-30", "fast-30"}
         assert data["slow-30"] == [(10, 1.0), (20, 0.01 + 1 / 20), (30, 0.01 + 1 / 30)]
         assert [p.tag for p in plot.series["loss"]["fast-30"]] == ["base", "fast-20", "fast-30"]
-        assert ck.plot().metrics == ["loss", "acc"]  # every numeric metric; text ones left out
+        assert ck.plot().metrics == ["acc", "loss"]  # every numeric metric; text ones left out
         assert "fast-30" in plot.to_text() and "2 branches" in repr(plot)
         png = plot._repr_png_()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and plot._repr_html_() is None
@@ -60,7 +60,7 @@ def test_metric_errors_name_the_metrics_there_are(tmp_path):
     with _branches(tmp_path) as ck:
         with pytest.raises(MetricNotFoundError, match=r"no checkpoint .* numeric metric 'los'; did you mean 'loss'"):
             ck.plot(["los"])
-        with pytest.raises(MetricNotFoundError, match="plot one of: loss, acc"):
+        with pytest.raises(MetricNotFoundError, match="plot one of: acc, loss"):
             ck.plot(["opt"])  # text, not a number
     with Checkpointer(tmp_path / "empty") as ck, pytest.raises(MetricNotFoundError, match="no checkpoint"):
         ck.plot()
@@ -129,11 +129,11 @@ def test_magics_plot_and_diff_plot(ip, tmp_path):
     try:
         plot = run(ip, "r = %ckpt plot loss\nr")
         assert isinstance(plot, MetricPlot) and set(plot.data("loss")) == {"slow-30", "fast-30"}
-        assert run(ip, "%ckpt plot").metrics == ["loss", "acc"]
+        assert run(ip, "%ckpt plot").metrics == ["acc", "loss"]
         d = run(ip, "%ckpt diff base slow-30 --plot")
         assert isinstance(d, DiffPlot) and d.diff.b == "slow-30" and len(d.relative) == 4
         msg = usage_error(ip, "%ckpt plot nosuchmetric")
-        assert "nosuchmetric" in msg and "plot one of: loss, acc" in msg and "\n" not in msg
+        assert "nosuchmetric" in msg and "plot one of: acc, loss" in msg and "\n" not in msg
         assert "no checkpoint 'nosuch'" in usage_error(ip, "%ckpt diff base nosuch --plot")
     finally:
         ip.magics_manager.registry["CkptMagics"].close()

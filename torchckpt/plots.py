@@ -155,8 +155,9 @@ def metric_plot(log: LineageLog, metrics: list[str] | None = None) -> MetricPlot
         for leaf, path in branches.items():
             pts = [Point(nodes[t].step, float(nodes[t].metrics[m]), t) for t in path
                    if nodes[t].step is not None and _number(nodes[t].metrics.get(m))]
-            if pts:
-                per[leaf] = pts
+            # named by its newest plotted tag (a leaf without a step or this metric names nothing)
+            if pts and len(pts) > len(per.get(pts[-1].tag, ())):
+                per[pts[-1].tag] = pts
         series[m] = per
     return MetricPlot(log.root, series)
 
