@@ -631,7 +631,7 @@ class Checkpointer:
         saved = [SavedObject(n, k, state.type_name(objects[n]), files.get(n)) for n, k in kinds.items()]
         if keys:
             metadata[dedup.KEYS_FIELD] = keys
-        notes = [f"{name}: unchanged since {src}, {how}" for name, (src, how) in linked.items()]
+        notes = [f"{name}: unchanged since {src}, {how}" for name, (src, how) in linked.items() if name != "rng"]
         notes += [f"left out {name}: {why}" for name, why in (left_out or {}).items()]
         notes += [f"metric {k}={v!r} is text, not a number; kept as text (numbers look like {k}=0.12)"
                   for k, v in metrics.items() if isinstance(v, str)]
