@@ -35,10 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from torchckpt import dedup  # noqa: E402
-from torchckpt.notebook import Checkpointer  # noqa: E402
+from torchckpt import dedup
+from torchckpt.notebook import Checkpointer
 
 TARGET_DISK, TARGET_TIME = 1.2, 0.2
 SAVES = 10
@@ -157,24 +157,24 @@ def _report(path: Path, med: dict, runs: list[dict], base_bytes: int, ok_disk: b
         begin,
         "## Re-saves that cost nothing (`benchmarks/bench_resave.py`)",
         "",
-        f"A LoRA-style notebook state (`base`: {base_bytes / 2**20:.0f} MiB frozen; `adapters`: rank-8 LoRA "
-        f"matrices; `opt`: AdamW) saved {SAVES} times, a training step of the adapters between saves; "
-        f"medians of {len(runs)} repeats, each a ratio within its repeat.",
+        (f"A LoRA-style notebook state (`base`: {base_bytes / 2**20:.0f} MiB frozen; `adapters`: rank-8 LoRA "
+         f"matrices; `opt`: AdamW) saved {SAVES} times, a training step of the adapters between saves; "
+         f"medians of {len(runs)} repeats, each a ratio within its repeat."),
         "",
         "| measure | result | target |",
         "|---|---|---|",
-        f"| disk after {SAVES} saves / after one (linked files counted once) | {med['disk_ratio']:.3f} | "
-        f"<= {TARGET_DISK} ({'met' if ok_disk else 'missed'}) |",
-        f"| re-save time / first save, worst of {SAVES - 1} | {med['resave_ratio_max']:.3f} | "
-        f"<= {TARGET_TIME} ({'met' if ok_time else 'missed'}) |",
+        (f"| disk after {SAVES} saves / after one (linked files counted once) | {med['disk_ratio']:.3f} | "
+         f"<= {TARGET_DISK} ({'met' if ok_disk else 'missed'}) |"),
+        (f"| re-save time / first save, worst of {SAVES - 1} | {med['resave_ratio_max']:.3f} | "
+         f"<= {TARGET_TIME} ({'met' if ok_time else 'missed'}) |"),
         f"| re-save time / first save, median | {med['resave_ratio_median']:.3f} | |",
         f"| a re-save with sharing off / first save | {med['unshared_ratio']:.2f} | (context) |",
         f"| re-save time / a re-save with sharing off | {med['resave_vs_unshared']:.3f} | (context) |",
         f"| first save; a re-save | {med['first_s']:.2f} s; {med['resave_s']:.3f} s | |",
         "",
-        "A re-save hashes the whole state at memory speed (xxh3-128, the content key: ~60 ms of the "
-        "re-save for 512 MiB here) and writes only what changed; the first save's time depends on how fast "
-        "the disk absorbs 512 MiB (0.4-1.4 s between repeats here), which is what moves the time ratio.",
+        ("A re-save hashes the whole state at memory speed (xxh3-128, the content key: ~60 ms of the "
+         "re-save for 512 MiB here) and writes only what changed; the first save's time depends on how fast "
+         "the disk absorbs 512 MiB (0.4-1.4 s between repeats here), which is what moves the time ratio."),
         "",
         end,
     ]

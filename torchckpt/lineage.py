@@ -318,6 +318,8 @@ def build_log(store: CheckpointStore, tag: str | None = None, *, now: float | No
         IncompleteCheckpointError: ``tag`` is not committed.
     """
     infos = store.list()
+    if tag is None:
+        return log_from_infos(store, infos, now=now)
     nodes = nodes_from(infos)
     focus = None
     if tag is not None:
@@ -339,6 +341,13 @@ def build_log(store: CheckpointStore, tag: str | None = None, *, now: float | No
     order = _display_order(nodes)
     return LineageLog(str(_shown(store.root)), nodes, order, draw(nodes, order), focus=focus,
                       now=time.time() if now is None else now)
+
+
+def log_from_infos(store: CheckpointStore, infos: Iterable[CheckpointInfo], *, now: float | None = None) -> LineageLog:
+    """The whole tree from infos already listed (the panel lists the root once per refresh)."""
+    nodes = nodes_from(infos)
+    order = _display_order(nodes)
+    return LineageLog(str(_shown(store.root)), nodes, order, draw(nodes, order), now=time.time() if now is None else now)
 
 
 def _ancestors(nodes: dict[str, Node], tag: str) -> list[str]:

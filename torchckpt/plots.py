@@ -152,7 +152,7 @@ def metric_plot(log: LineageLog, metrics: list[str] | None = None) -> MetricPlot
     series: dict[str, dict[str, list[Point]]] = {}
     for m in wanted:
         per: dict[str, list[Point]] = {}
-        for leaf, path in branches.items():
+        for path in branches.values():
             pts = [Point(nodes[t].step, float(nodes[t].metrics[m]), t) for t in path
                    if nodes[t].step is not None and _number(nodes[t].metrics.get(m))]
             # named by its newest plotted tag (a leaf without a step or this metric names nothing)
