@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -67,10 +66,12 @@ def train_step(ns: dict) -> None:
     ns["opt"].zero_grad()
 
 
-def one_repeat(ns: dict, workdir: Path) -> dict:
-    """Ten saves of ``ns`` into a fresh root (the adapters trained between them); the ratios."""
-    root = workdir / "root"
-    shutil.rmtree(root, ignore_errors=True)
+def one_repeat(ns: dict, root: Path) -> dict:
+    """Ten saves of ``ns`` into a fresh root (the adapters trained between them); the ratios.
+
+    The root is left in place until every repeat is done: a save right after the removal of a
+    large root writes into the page-cache pages that removal freed, 3-4x faster than a save into
+    fresh pages (0.38 s against 1.1-1.7 s for 512 MiB here), which would flatter the first save."""
     times = []
     with Checkpointer(root, progress_min_bytes=1 << 62) as ck:
         for i in range(SAVES):
@@ -88,7 +89,6 @@ def one_repeat(ns: dict, workdir: Path) -> dict:
         t = time.perf_counter()
         ck.save("no-sharing", ns, step=SAVES)
         unshared = time.perf_counter() - t
-    shutil.rmtree(root, ignore_errors=True)
     resaves = [t / times[0] for t in times[1:]]
     return {
         "first_s": times[0], "resave_s": times[1:], "unshared_s": unshared,
@@ -120,11 +120,10 @@ def main() -> None:
         # for imports and first-touch page faults that no later save pays.
         with Checkpointer(Path(tmp) / "warm-up", progress_min_bytes=1 << 62) as ck:
             ck.save("warm-up", {"adapters": ns["adapters"], "opt": ns["opt"]})
-        shutil.rmtree(Path(tmp) / "warm-up")
         for r in range(args.repeats):
             torch.manual_seed(r)
             ns = make_state(args.base_mib)  # each repeat from the same kind of fresh state
-            run = one_repeat(ns, Path(tmp))
+            run = one_repeat(ns, Path(tmp) / f"root-{r}")
             runs.append(run)
             print(f"repeat {r + 1}: first {run['first_s']:.3f} s, re-saves {min(run['resave_s']):.3f}-"
                   f"{max(run['resave_s']):.3f} s (x{run['resave_ratio_median']:.3f} median, "
@@ -173,8 +172,10 @@ def _report(path: Path, med: dict, runs: list[dict], base_bytes: int, ok_disk: b
         f"| first save; a re-save | {med['first_s']:.2f} s; {med['resave_s']:.3f} s | |",
         "",
         ("A re-save hashes the whole state at memory speed (xxh3-128, the content key: ~60 ms of the "
-         "re-save for 512 MiB here) and writes only what changed; the first save's time depends on how fast "
-         "the disk absorbs 512 MiB (0.4-1.4 s between repeats here), which is what moves the time ratio."),
+         "re-save for 512 MiB here) and writes only what changed. Each repeat saves into a root of its own, "
+         "and the roots are removed only at the end: a save right after the removal of a large root writes "
+         "into the page-cache pages the removal freed, 3-4x faster (0.38 s against 1.1-1.7 s for 512 MiB "
+         "here), which would flatter the first save."),
         "",
         end,
     ]
