@@ -125,6 +125,7 @@ def usage_error(ip, cell: str) -> str:
 
 def test_magics_plot_and_diff_plot(ip, tmp_path):
     _branches(tmp_path / "ckpts").close()
+    before = set(ip.user_ns)
     run(ip, f"%ckpt dir {tmp_path / 'ckpts'}")
     try:
         plot = run(ip, "r = %ckpt plot loss\nr")
@@ -137,6 +138,8 @@ def test_magics_plot_and_diff_plot(ip, tmp_path):
         assert "no checkpoint 'nosuch'" in usage_error(ip, "%ckpt diff base nosuch --plot")
     finally:
         ip.magics_manager.registry["CkptMagics"].close()
+        for name in set(ip.user_ns) - before:  # the shell is shared with other test files
+            del ip.user_ns[name]
 
 
 def test_load_ext_imports_neither_torch_nor_matplotlib():
