@@ -211,7 +211,7 @@ class CheckpointPanel:
                                layout=w.Layout(width="200px"))
         self.sort.add_class("torchckpt-sort")
         self.refresh_button = button("Refresh", "torchckpt-refresh", "re-read the checkpoint root")
-        self.chart_toggle = w.ToggleButton(value=False, description="Chart", layout=w.Layout(width="auto"),
+        self.chart_toggle = w.ToggleButton(value=False, description="Chart", layout=w.Layout(width="auto", flex="0 0 auto"),
                                            tooltip="plot a metric against step, one line per lineage branch")
         self.chart_toggle.add_class("torchckpt-chart-toggle")
         self.chart_metric = w.Dropdown(options=[], description="metric", layout=w.Layout(width="220px"))

@@ -112,7 +112,7 @@ class MetricPlot(_render.Result):
             ax.grid(alpha=0.3)
             if len(branches) > 1:
                 ax.legend(title="branch", fontsize=8)
-        fig.suptitle(self.root, fontsize=9)
+            ax.margins(x=0.08, y=0.15)  # room for the tag labels
         return fig
 
 
