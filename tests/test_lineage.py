@@ -289,3 +289,12 @@ def test_cli_log_text_json_and_errors(tmp_path):
         assert proc.returncode == 2
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("torchckpt: error: ") and needle in lines[0], proc.stderr
+
+
+def test_a_parent_being_rewritten_or_unreadable_is_named_so(tmp_path):
+    ck = _tree(tmp_path)
+    (ck.root / "b1" / MANIFEST_NAME).write_text("{not json")
+    log = ck.log()
+    assert log.nodes["b1"].status == "unreadable" and log.parent("b2") == "b1"
+    assert "parent b1 unreadable" in log.to_text()
+    ck.close()

@@ -66,8 +66,9 @@ def age(seconds: float) -> str:
 
 @dataclass
 class Node:
-    """One tag of the tree. ``status`` is ``committed``, or ``removed``/``incomplete`` for a parent
-    that is named by a child but is no longer a committed tag (then it carries no metadata)."""
+    """One tag of the tree. ``status`` is ``committed``, or for a parent that a child names but that
+    is not a committed tag: ``removed``, ``incomplete``, ``writing`` or ``unreadable`` (then the node
+    carries no metadata)."""
 
     tag: str
     parent: str | None
@@ -204,7 +205,7 @@ def nodes_from(infos: Iterable[CheckpointInfo]) -> dict[str, Node]:
     ``incomplete``) node for each parent named by a child that is not a committed tag."""
     infos = list(infos)
     committed = {i.tag: i for i in infos if i.committed}
-    present = {i.tag for i in infos}
+    present = {i.tag: i.status for i in infos}
     nodes: dict[str, Node] = {}
     for tag, info in committed.items():
         md = info.metadata
@@ -218,7 +219,7 @@ def nodes_from(infos: Iterable[CheckpointInfo]) -> dict[str, Node]:
                           latest=info.is_latest, problem=problem)
     for node in list(nodes.values()):
         if node.parent is not None and node.parent not in nodes:
-            status = "incomplete" if node.parent in present else "removed"
+            status = present.get(node.parent, "removed")  # incomplete, writing, unreadable
             nodes[node.parent] = Node(node.parent, None, status=status)
     _break_cycles(nodes)
     for node in sorted(nodes.values(), key=_when):
