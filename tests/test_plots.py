@@ -162,3 +162,8 @@ def test_a_missing_matplotlib_is_one_line_naming_the_extra(tmp_path, monkeypatch
     with pytest.raises(MissingExtraError, match=r"pip install 'torchckpt\[lab\]'"):
         plot.figure()
     assert plot.data("loss")  # the numbers need no matplotlib
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else object())
+    assert plot._repr_png_() is None  # shown as text, never a formatter traceback
+    assert "the chart needs matplotlib" in plot.to_text()

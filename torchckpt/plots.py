@@ -37,6 +37,26 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
+def _chart_note() -> list[str]:
+    """A line for the text view when no picture can be drawn (matplotlib missing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return ["(the chart needs matplotlib, which is not installed here: pip install 'torchckpt[lab]')"]
+    return []
+
+
+def _png_of(result) -> bytes | None:
+    """The picture, or None where matplotlib is missing (the text view says so): a display hook
+    must not raise."""
+    from .errors import MissingExtraError
+
+    try:
+        return _png(result.figure())
+    except MissingExtraError:
+        return None
+
+
 def _png(fig) -> bytes:
     _, canvas_cls = _matplotlib()
     canvas_cls(fig)
@@ -84,13 +104,13 @@ class MetricPlot(_render.Result):
             for branch, pts in branches.items():
                 lines.append(f"{metric} [{branch}]: " + ", ".join(f"{p.tag}@{p.step}={_format.format_value(p.value)}"
                                                                   for p in pts))
-        return "\n".join(lines)
+        return "\n".join(lines + _chart_note())
 
     def _repr_html_(self) -> None:  # the picture (image/png) and the text; no HTML table
         return None
 
     def _repr_png_(self) -> bytes | None:
-        return None if self.quiet else _png(self.figure())
+        return None if self.quiet else _png_of(self)
 
     def figure(self):
         """A matplotlib ``Figure``: one panel per metric."""
@@ -189,13 +209,13 @@ class DiffPlot(_render.Result):
 
     def to_text(self) -> str:
         rows = [[k, f"{v:.3g}"] for k, v in self.relative.items()]
-        return repr(self) + "\n" + _render.text_table(["parameter", "‖B−A‖/‖A‖"], rows)
+        return "\n".join([repr(self), _render.text_table(["parameter", "‖B−A‖/‖A‖"], rows), *_chart_note()])
 
     def _repr_html_(self) -> None:
         return None
 
     def _repr_png_(self) -> bytes | None:
-        return None if self.quiet else _png(self.figure())
+        return None if self.quiet else _png_of(self)
 
     def figure(self):
         """A matplotlib ``Figure``: one horizontal bar per parameter, in module order, top down."""
