@@ -354,7 +354,8 @@ def test_completion_of_subcommands_tags_names_and_options(ip, root):
     def complete(line):
         return ip.complete(None, line, len(line))[1]
 
-    assert complete("%ckpt lo") == ["load"]
+    assert complete("%ckpt lo") == ["load", "log"]
+    assert complete("%ckpt loa") == ["load"]
     assert complete("%ckpt load al") == ["alpha"]
     assert complete("%ckpt diff alpha al") == ["alpha"]
     assert complete("%ckpt load alpha ") == ["x"]

@@ -316,6 +316,7 @@ def test_verify_reports_a_corrupt_file_as_an_error(make_panel, root):
     victim = root / "bad" / "objects" / "model.pt"
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0xFF
+    victim.unlink()  # "good" shares this file (a hard link: the model did not change); damage "bad"'s only
     victim.write_bytes(bytes(data))
     p.select("good", "bad")
     p.verify_button.click()

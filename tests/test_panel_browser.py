@@ -257,6 +257,22 @@ def test_panel_save_and_load_in_jupyterlab(tmp_path):
             panel.scroll_into_view_if_needed()
             panel.screenshot(path=str(artifacts / "panel.png"))
             page.screenshot(path=str(artifacts / "jupyterlab.png"), full_page=True)
+
+            # The chart: two more tags saved in code (the panel refreshes after the cell), then shown.
+            out = _run_new_cell(
+                page, expect,
+                "for s, l in ((10, 0.30), (20, 0.21)):\n"
+                "    step = s\n"
+                "    panel.checkpointer.save(f'browser-s{s}', {'model': model, 'step': step}, step=s, metrics={'loss': l})\n"
+                "print('saved', len(panel.checkpointer.tags()))",
+            )  # fmt: skip
+            assert "saved 4" in "".join(out)
+            panel.locator(".torchckpt-chart-toggle").click()
+            chart = panel.locator("img.torchckpt-chart")
+            expect(chart).to_be_visible()
+            expect(panel.locator(".torchckpt-chart-note")).to_contain_text("1 branch")
+            assert chart.evaluate("img => img.naturalWidth") > 100
+            panel.screenshot(path=str(artifacts / "panel-chart.png"))
         except Exception:
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(artifacts / "failure.png"), full_page=True)

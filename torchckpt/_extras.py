@@ -5,7 +5,8 @@ from __future__ import annotations
 from .errors import MissingExtraError
 
 #: The top-level module each extra provides -> the extra that installs it.
-EXTRAS = {"deepspeed": "deepspeed", "jupyterlab": "lab", "lightning": "trainers", "ipywidgets": "", "IPython": ""}
+EXTRAS = {"deepspeed": "deepspeed", "jupyterlab": "lab", "lightning": "trainers", "ipywidgets": "", "IPython": "",
+          "matplotlib": "lab"}
 
 
 def missing(error: ModuleNotFoundError, what: str) -> MissingExtraError | None:

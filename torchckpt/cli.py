@@ -110,6 +110,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- log -----------------------------------------------------------------------------------------
+def cmd_log(args: argparse.Namespace) -> int:
+    from .lineage import build_log
+
+    store = _store(args.root)
+    log = build_log(store, args.tag)
+    if args.json:
+        _print_json({"root": str(store.root), "focus": log.focus, "tags": log.records(),
+                     "graph": [{"tag": tag, "graph": line} for tag, line in log.graph]})
+        return EXIT_OK
+    _echo(log.to_text())
+    return EXIT_OK
+
+
 # -- info ----------------------------------------------------------------------------------------
 def _tag_facts(store, info) -> dict[str, Any]:
     from .store import scan_files
@@ -398,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ls", cmd_ls, "list the checkpoints of a root",
                 "List every tag: created, size, step, metrics, note, status, latest "
                 "(*).\n\nstatus:\n" + from_format)  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("log", cmd_log, "draw the lineage tree of a root's checkpoints",
+                "Draw the tree of committed tags, newest first, as git log --graph: each notebook save records the tag\n"
+                "it branched from (its parent). A removed parent is shown as (removed).")  # fmt: skip
+    p.add_argument("tag", metavar="TAG", nargs="?", help="show only this tag's ancestors and descendants")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("info", cmd_info, "show a checkpoint's manifest, files and tensors (no tensor data is read)",

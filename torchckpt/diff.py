@@ -24,7 +24,7 @@ from .store import CheckpointInfo, CheckpointStore
 _CHUNK = 1 << 24
 #: How many rows of each kind the rendered diff shows (the result object holds them all).
 SHOW = 20
-_META_SKIP = frozenset({"objects", "format", "rng"})
+_META_SKIP = frozenset({"objects", "format", "rng", "parent", "content_keys"})  # bookkeeping, not results
 
 
 @dataclass
@@ -36,6 +36,8 @@ class CheckpointDiff(_render.Result):
         keys_added, keys_removed: ``object/key`` entries only in ``b`` / only in ``a``.
         shape_changes, dtype_changes: ``(key, in a, in b)``.
         deltas: ``key -> max |b - a|`` for every tensor compared (0.0 when equal).
+        relative: ``key -> ‖b - a‖ / ‖a‖`` (2-norms) for every tensor compared, in the order of the
+            saved state (a module's: module order); ``inf`` when ``a`` is all zeros and ``b`` is not.
         value_changes: non-tensor entries that differ, ``(key, repr in a, repr in b)``.
         metadata_changes: step, metrics, note, versions..., ``(key, in a, in b)``.
     """
@@ -49,6 +51,7 @@ class CheckpointDiff(_render.Result):
     shape_changes: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     dtype_changes: list[tuple[str, str, str]] = field(default_factory=list)
     deltas: dict[str, float] = field(default_factory=dict)
+    relative: dict[str, float] = field(default_factory=dict)
     value_changes: list[tuple[str, str, str]] = field(default_factory=list)
     metadata_changes: list[tuple[str, Any, Any]] = field(default_factory=list)
     quiet: bool = field(default=False, repr=False, compare=False)
@@ -189,7 +192,7 @@ def _compare(unit: str, left: dict[str, Any], right: dict[str, Any], result: Che
                 continue
             if x.dtype != y.dtype:
                 result.dtype_changes.append((name(key), str(x.dtype), str(y.dtype)))
-            result.deltas[name(key)] = max_abs_diff(x, y)
+            result.deltas[name(key)], result.relative[name(key)] = _change(x, y)
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or not _same(x, y):
             result.value_changes.append((name(key), _render.short(_plain(x)), _render.short(_plain(y))))
 
@@ -211,11 +214,16 @@ def max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     Floating tensors are compared in float64 (or complex128), integers exactly, booleans as
     0/1. NaN in the same place on both sides counts as equal; elsewhere it makes the result NaN.
     """
+    return _change(x, y)[0]
+
+
+def _change(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``(max |y - x|, ‖y - x‖ / ‖x‖)`` in one pass of slices (see :func:`max_abs_diff`)."""
     if x.numel() == 0:
-        return 0.0
+        return 0.0, 0.0
     fx, fy = x.reshape(-1), y.reshape(-1)
     complex_ = x.is_complex() or y.is_complex()
-    worst = 0.0
+    worst, diff_sq, base_sq = 0.0, 0.0, 0.0
     for start in range(0, fx.numel(), _CHUNK):
         a, b = fx[start:start + _CHUNK], fy[start:start + _CHUNK]
         if complex_:
@@ -227,9 +235,14 @@ def max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
             both_nan = torch.isnan(a.to(torch.float64)) & torch.isnan(b.to(torch.float64))
             d = d.masked_fill(both_nan, 0.0)
         if torch.isnan(d).any():
-            return float("nan")
+            return float("nan"), float("nan")
         worst = max(worst, float(d.max()))
-    return worst
+        diff_sq += float((d * d).sum())
+        base = a.to(torch.complex128).abs() if complex_ else a.to(torch.float64)
+        base_sq += float((base * base).nansum())
+    if diff_sq == 0.0:
+        return worst, 0.0
+    return worst, (diff_sq ** 0.5) / (base_sq ** 0.5) if base_sq > 0 else float("inf")
 
 
 def _metadata_changes(a: CheckpointInfo, b: CheckpointInfo) -> list[tuple[str, Any, Any]]:

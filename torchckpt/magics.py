@@ -27,9 +27,9 @@ from . import _format
 from .errors import TorchckptError, in_dialect
 
 #: The subcommands, in the order ``%ckpt?`` lists them.
-SUBCOMMANDS = ("save", "commit", "load", "ls", "info", "diff", "verify", "rm", "gc", "dir", "ui")
+SUBCOMMANDS = ("save", "commit", "load", "ls", "log", "info", "diff", "plot", "verify", "rm", "gc", "dir", "ui")
 #: Subcommands whose positional arguments are tags (completion offers tag names).
-_TAG_COMMANDS = frozenset({"commit", "load", "info", "diff", "verify", "rm"})
+_TAG_COMMANDS = frozenset({"commit", "load", "log", "info", "diff", "verify", "rm"})
 
 
 #: Longer %ckpt lines are refused before parsing: the metadata they could set is at most 1 MiB.
@@ -233,11 +233,18 @@ def _build_parsers() -> dict[str, _Parser]:
                     help="progress bar (default: for large loads)")
 
     new("ls", "List the checkpoints under the root: status, step, time, size, objects, metrics, note.")
+    lg = new("log", "Draw the lineage tree of the root's checkpoints (each save's parent: the tag last loaded or "
+                    "saved), newest first: tag, step, metrics, note, age.")
+    lg.add_argument("tag", nargs="?", help="show only this tag's ancestors and descendants")
     i = new("info", "Show one checkpoint: status, metadata, objects and files.")
     i.add_argument("tag", nargs="?", default="latest")
     d = new("diff", "Compare two checkpoints: keys added/removed, shape/dtype changes, max |Δ| per tensor, metadata.")
     d.add_argument("a")
     d.add_argument("b", nargs="?", default="latest")
+    d.add_argument("--plot", action="store_true",
+                   help="chart each module parameter's relative change |B-A|/|A| in module order")
+    pl = new("plot", "Plot metrics against step across the root's checkpoints, one line per lineage branch.")
+    pl.add_argument("metrics", nargs="*", metavar="METRIC", help="metrics to plot (default: every numeric one)")
     v = new("verify", "Re-check every file of a checkpoint against its manifest's sizes and checksums.")
     v.add_argument("tag", nargs="?", default="latest")
     r = new("rm", "Remove checkpoints (never one being written; 'latest' only with --force).")
@@ -478,7 +485,15 @@ class CkptMagics(Magics, Configurable):
         return self.checkpointer.info(a.tag)
 
     def _do_diff(self, a: argparse.Namespace):
+        if a.plot:
+            return self.checkpointer.diff_plot(a.a, a.b)
         return self.checkpointer.diff(a.a, a.b)
+
+    def _do_log(self, a: argparse.Namespace):
+        return self.checkpointer.log(a.tag)
+
+    def _do_plot(self, a: argparse.Namespace):
+        return self.checkpointer.plot(a.metrics or None)
 
     def _do_verify(self, a: argparse.Namespace):
         return self.checkpointer.verify(a.tag)
@@ -564,7 +579,11 @@ class CkptMagics(Magics, Configurable):
         positionals = [w for w in words[1:-1] if not w.startswith("-")]
         with contextlib.suppress(Exception):
             if sub in _TAG_COMMANDS and (sub != "load" or not positionals):
-                out += self.checkpointer.tags() + (["latest"] if sub in ("load", "diff", "info", "verify") else [])
+                out += self.checkpointer.tags() + (["latest"] if sub in ("load", "diff", "info", "verify", "log")
+                                                   else [])
+            if sub == "plot":
+                out += list(dict.fromkeys(k for i in self.checkpointer.store.list() for k in
+                                          (i.metadata.get("metrics") or {}) if isinstance(k, str)))
             if sub == "load" and positionals:
                 info = self.checkpointer.store.info(positionals[0])
                 out += list(info.metadata.get("objects") or {})

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _format, _render, state
+from . import _format, _render, dedup, state
 from .errors import (
     CheckpointInUseError,
     ClosedError,
@@ -49,6 +49,7 @@ from .errors import (
     TorchckptError,
 )
 from .layout import RNG_FILE, object_file
+from .lineage import PARENT_KEY, LineageLog, build_log, check_parent, parent_of
 from .manifest import check_metadata, validate_tag
 from .options import CheckpointOptions
 from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyReport
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from .async_writer import AsyncWriter
     from .diff import CheckpointDiff
     from .pending import PendingSave
+    from .plots import DiffPlot, MetricPlot
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ FORMAT = "torchckpt-notebook/1"
 #: (``CheckpointOptions.progress_min_bytes``' default).
 PROGRESS_MIN_BYTES = CheckpointOptions.progress_min_bytes
 _UNSET: Any = object()
+#: save()'s default parent: the Checkpointer's head.
+_HEAD = object()
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -106,6 +110,10 @@ class SaveResult(_Result):
     notes: list[str] = field(default_factory=list)
     #: The checkpoint's size as ``ls`` shows it: every file of the tag (objects, RNG states...).
     checkpoint_size: int | None = None
+    #: The tag this save branched from (the namespace's last load or save; None for the first).
+    parent: str | None = None
+    #: name -> the tag whose identical file it shares (a hard link: no new bytes on disk).
+    linked: dict[str, str] = field(default_factory=dict)
     quiet: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -143,6 +151,8 @@ class SaveResult(_Result):
             extra.append(_render.duration(self.seconds))
         if self.replaced:
             extra.append("replaced the previous checkpoint of that tag")
+        if self.parent is not None:
+            extra.append(f"from {self.parent}")
         return f"{self.tag}: {what}" + (f" ({', '.join(extra)})" if extra else "")
 
     def _rows(self) -> list[list[str]]:
@@ -292,6 +302,8 @@ class TagDetails(_Result):
         for key in ("step", "note"):
             if md.get(key) is not None:
                 lines.append(f"{key}: {md[key]}")
+        if PARENT_KEY in md:
+            lines.append(f"parent: {_parent_line(i)}")
         if md.get("metrics"):
             lines.append(f"metrics: {_format.format_metrics(md['metrics'])}")
         if i.manifest is not None and i.manifest.versions:
@@ -314,6 +326,20 @@ class TagDetails(_Result):
 
     def to_text(self) -> str:
         return "\n".join(self._summary() + [_render.text_table(self._HEADERS, self._rows())])
+
+
+def _parent_line(info: CheckpointInfo) -> str:
+    """``step-100``, ``step-100 (removed)``, ``none (the first save)``, or why it was refused."""
+    parent, problem = parent_of(info.metadata)
+    if problem:
+        return problem
+    if parent is None:
+        return "none (the first save of its lineage)"
+    from .manifest import MANIFEST_NAME
+
+    if not (info.path.parent / parent / MANIFEST_NAME).is_file():
+        return f"{parent} ({'removed' if not (info.path.parent / parent).exists() else 'not committed'})"
+    return parent
 
 
 @dataclass
@@ -426,6 +452,7 @@ class Checkpointer:
             progress threshold, ``auto_max_bytes``, async memory cap and pinning, the panel's
             poll interval); assign :attr:`options` to change them later.
         progress_min_bytes, auto_max_bytes: the options of those names, over ``options``.
+        dedup: store a file identical to a committed file of the root as a hard link to it.
 
     Example:
         >>> ckpt = Checkpointer("checkpoints")
@@ -435,7 +462,7 @@ class Checkpointer:
     """
 
     def __init__(self, root: str | os.PathLike, *, options: CheckpointOptions | None = None,
-                 progress_min_bytes: int = _UNSET, auto_max_bytes: int | None = _UNSET):
+                 progress_min_bytes: int = _UNSET, auto_max_bytes: int | None = _UNSET, dedup: bool = True):
         options = _checked_options(options)
         given: dict[str, Any] = {"progress_min_bytes": progress_min_bytes, "auto_max_bytes": auto_max_bytes}
         given = {k: v for k, v in given.items() if v is not _UNSET}
@@ -443,6 +470,8 @@ class Checkpointer:
             options = replace(options, **given)  # validated again
         self.store = CheckpointStore(root, lock_timeout=options.lock_timeout)
         self._options = options
+        #: Share files identical to a committed file of the root as hard links (see :mod:`torchckpt.dedup`).
+        self.dedup = dedup
         self._pending: dict[str, _Pending] = {}
         self._finished: list[SaveResult] = []
         self._failed: dict[str, SaveResult] = {}
@@ -450,6 +479,8 @@ class Checkpointer:
         self._writer: AsyncWriter | None = None
         self._committer: ThreadPoolExecutor | None = None
         self._closed = False
+        #: The tag the namespace's objects were last loaded from or saved to: the next save's parent.
+        self.head: str | None = None
 
     @property
     def root(self) -> Path:
@@ -532,6 +563,7 @@ class Checkpointer:
         progress: bool | Callable[[int, int], None] | None = None,
         overwrite: bool = False,
         left_out: Mapping[str, str] | None = None,
+        parent: str | None | object = _HEAD,
     ) -> SaveResult | PendingSave:
         """Save ``objects`` (name -> live object) as ``tag``, with the RNG states.
 
@@ -548,6 +580,12 @@ class Checkpointer:
                 callable ``(done_bytes, total_bytes)``.
             left_out: name -> reason for objects the caller chose not to save (from
                 :meth:`discover`); the result's notes list them.
+            parent: the tag this save branches from, recorded in the metadata (default:
+                :attr:`head`, the tag last loaded or saved here; None: a new root).
+
+        An object whose state is byte-for-byte the one a committed tag of the root holds is not
+        written again: the tag gets a hard link to that file (see :mod:`torchckpt.dedup`), and
+        the result says so (``linked``, ``notes``).
 
         Returns:
             A :class:`SaveResult`; for async saves a :class:`~torchckpt.pending.PendingSave`, the
@@ -570,9 +608,12 @@ class Checkpointer:
         if tag is None:
             tag = self.default_tag(step)
         validate_tag(tag)
+        parent = check_parent(self.head if parent is _HEAD else parent)
+        if parent == tag:  # re-saving the tag itself (overwrite): it keeps its own parent
+            parent = self._parent_of(tag)
         files = _file_names(n for n, k in kinds.items() if k != "deepspeed")
         metadata = check_metadata({
-            "format": FORMAT, "step": step, "metrics": metrics, "note": note, "rng": RNG_FILE,
+            "format": FORMAT, "step": step, "metrics": metrics, "note": note, "rng": RNG_FILE, PARENT_KEY: parent,
             "objects": {name: {"kind": kind, "type": state.type_name(objects[name]), "file": files.get(name)}
                         for name, kind in kinds.items()},
         })
@@ -591,16 +632,34 @@ class Checkpointer:
 
             handle = PendingSave(tag, total_bytes=total + state.payload_bytes(rng), commits=commit)
         tx = None
+        keys: dict[str, str] = {}
+        linked: dict[str, tuple[str, str]] = {}  # name -> (tag, how)
         try:
+            candidates = self._candidates(tag) if self.dedup else None
             tx = self.store.transaction(tag, writer=writer, on_write=handle._add_bytes if handle else None)
             for name, kind in kinds.items():
                 if kind == "deepspeed":
                     from .deepspeed.notebook import save_engine  # imports DeepSpeed
 
                     save_engine(objects[name], self.root, tx)
-            for name, payload in payloads.items():
+            for name, payload in list(payloads.items()) + [("rng", rng)]:
+                file = files.get(name, RNG_FILE)
+                if candidates is not None:
+                    key = dedup.content_key(payload)
+                    if key is not None:
+                        keys[file] = key
+                        cand = candidates.by_key.get(key)
+                        if cand is not None and (how := tx.link(file, cand)):
+                            linked[name] = (cand.tag, how)
+                            bar.advance(state.payload_bytes(payload) if name in payloads else 0)
+                            continue
+                if name not in payloads:
+                    tx.write(RNG_FILE, rng)
+                    continue
                 try:
                     tx.write(files[name], payload)
+                    if writer is None and (rec := tx.record_of(files[name])) is not None:
+                        dedup.confirm(tx.dir / files[name], rec.checksum)  # hashed as it was written
                 except TorchckptError:
                     raise
                 except Exception as e:
@@ -609,7 +668,13 @@ class Checkpointer:
                         "hold only tensors, plain Python values and containers of them"
                     ) from e
                 bar.advance(state.payload_bytes(payload))
-            tx.write(RNG_FILE, rng)
+            if candidates is not None and writer is None:
+                # Written anyway (no key, or a new one) but identical to a committed file: share it.
+                for name, file in list(files.items()) + [("rng", RNG_FILE)]:
+                    rec = tx.record_of(file) if name not in linked else None
+                    cand = candidates.by_sum.get((rec.size, rec.checksum)) if rec is not None else None
+                    if cand is not None and (how := tx.link(file, cand)):
+                        linked[name] = (cand.tag, how)
         except BaseException:
             bar.close()
             if tx is not None:
@@ -618,14 +683,21 @@ class Checkpointer:
             raise
         bar.close()
         saved = [SavedObject(n, k, state.type_name(objects[n]), files.get(n)) for n, k in kinds.items()]
-        notes = [f"left out {name}: {why}" for name, why in (left_out or {}).items()]
+        if keys:
+            metadata[dedup.KEYS_FIELD] = keys
+        notes = [f"{name}: unchanged since {src}, {how}" for name, (src, how) in linked.items() if name != "rng"]
+        notes += [f"left out {name}: {why}" for name, why in (left_out or {}).items()]
         notes += [f"metric {k}={v!r} is text, not a number; kept as text (numbers look like {k}=0.12)"
                   for k, v in metrics.items() if isinstance(v, str)]
         result = SaveResult(tag, self.root, saved, "uncommitted", async_save=async_save, step=step, note=note,
-                            metrics=metrics, replaced=replaced, notes=notes)
+                            metrics=metrics, replaced=replaced, notes=notes, parent=parent,
+                            linked={n: src for n, (src, _) in linked.items() if n != "rng"})
         pending = _Pending(tx, metadata, result, started)
         if commit and not async_save:
-            return self._commit_now(pending)
+            committed = self._commit_now(pending)
+            self.head = tag
+            return committed
+        self.head = tag
         if async_save:
             result.status = "committing" if commit else "writing"
         else:
@@ -638,6 +710,28 @@ class Checkpointer:
                 pending.future = self._background().submit(self._finish_async, pending)
                 handle._start(replace(result), pending.future)
         return handle if handle is not None else replace(result)
+
+    def _parent_of(self, tag: str) -> str | None:
+        """The parent recorded by a committed ``tag`` (None if it has none or is not committed)."""
+        with contextlib.suppress(TorchckptError, OSError):
+            info = self.store.info(tag)
+            if info.committed:
+                return parent_of(info.metadata)[0]
+        return None
+
+    def _candidates(self, tag: str) -> dedup.Candidates | None:
+        """The root's committed files a new save of ``tag`` may share (None: sharing is off)."""
+        try:
+            return dedup.Candidates(self.store.list(), exclude=tag)
+        except (TorchckptError, OSError) as e:  # an unreadable root: save without sharing
+            logger.warning("not looking for identical files in %s: %s", self.root, e)
+            return None
+
+    def log(self, tag: str | None = None) -> LineageLog:
+        """The lineage tree of the root (:func:`torchckpt.lineage.build_log`); with ``tag``, only
+        its ancestors and descendants."""
+        self._check_open()
+        return build_log(self.store, tag)
 
     def _clear_tag(self, tag: str, *, overwrite: bool) -> bool:
         """Make room for a new save of ``tag``; True if a previous one was replaced."""
@@ -924,6 +1018,8 @@ class Checkpointer:
 
             plan.load_engine = lambda step: load_engine(step.live, self.root, tag, strict=step.strict)
         notes = plan.warnings + plan.apply()
+        if into is None:
+            self.head = tag  # the namespace's objects now come from this tag: the next save branches from it
         for note in notes:
             logger.info("load %s: %s", tag, note)
         actions = {"restore": "restored", "assign": "assigned", "into": "into"}
@@ -960,6 +1056,21 @@ class Checkpointer:
 
         check_map_location(map_location)
         return diff_tags(self.store, a, b, map_location=map_location)
+
+    def plot(self, metrics: Iterable[str] | None = None) -> MetricPlot:
+        """Each metric against step across the root's tags, one line per lineage branch
+        (:func:`torchckpt.plots.metric_plot`; default: every numeric metric)."""
+        from .plots import metric_plot
+
+        return metric_plot(self.log(), list(metrics) if metrics else None)
+
+    def diff_plot(self, a: str, b: str, *, map_location: Any = "cpu") -> DiffPlot:
+        """:meth:`diff`, with each module parameter's relative change ‖B−A‖/‖A‖ as a bar chart."""
+        from .plots import diff_plot
+
+        result = self.diff(a, b, map_location=map_location)
+        kinds = {n: str(o.get("kind")) for n, o in _objects_of(self.store.info(result.a)).items() if isinstance(o, dict)}
+        return diff_plot(result, kinds)
 
     def remove(self, tags: str | builtins.list[str], *, force: bool = False) -> RemoveResult:
         """Remove one tag or several, all or nothing. ``latest`` only with ``force``; never a tag

@@ -219,6 +219,22 @@ class CheckpointPanel:
                                layout=w.Layout(width="200px"))
         self.sort.add_class("torchckpt-sort")
         self.refresh_button = button("Refresh", "torchckpt-refresh", "re-read the checkpoint root")
+        self.chart_toggle = w.ToggleButton(value=False, description="Chart", layout=w.Layout(width="auto", flex="0 0 auto"),
+                                           tooltip="plot a metric against step, one line per lineage branch")
+        self.chart_toggle.add_class("torchckpt-chart-toggle")
+        self.chart_metric = w.Dropdown(options=[], description="metric", layout=w.Layout(width="220px"))
+        self.chart_metric.add_class("torchckpt-chart-metric")
+        self.chart_note = w.HTML()
+        self.chart_note.add_class("torchckpt-chart-note")
+        self.chart_image = w.Image(format="png", layout=w.Layout(max_width="640px"))
+        self.chart_image.add_class("torchckpt-chart")
+        self.chart_box = w.VBox([w.HBox([self.chart_metric, self.chart_note], layout=w.Layout(align_items="center")),
+                                 self.chart_image], layout=w.Layout(display="none"))
+        self.chart_box.add_class("torchckpt-chart-box")
+        #: The chart's data (a :class:`~torchckpt.plots.MetricPlot`), None until the chart is shown.
+        self.chart_plot = None
+        self._chart_drawn: str | None = None
+        self._charting = False
         header = w.HBox([w.HTML("", layout=w.Layout(width="28px"))]
                         + [w.HTML(f"<b>{label}</b>", layout=w.Layout(width=width)) for _, label, width in _COLUMNS])
         header.add_class("torchckpt-header")
@@ -268,6 +284,9 @@ class CheckpointPanel:
 
         self.refresh_button.on_click(self._on_refresh)
         self.sort.observe(lambda _: self._safely("sort", self.refresh), names="value")
+        self.chart_toggle.observe(lambda _: self._safely("chart", self._refresh_chart), names="value")
+        self.chart_metric.observe(lambda _: self._charting or self._safely("chart", self._refresh_chart),
+                                  names="value")
         self.tag_input.observe(lambda _: self._update_buttons(), names="value")
         self.objects_select.observe(self._on_objects_changed, names="value")
         self.save_button.on_click(self._on_save)
@@ -281,8 +300,10 @@ class CheckpointPanel:
         self.clear_log_button.on_click(self._on_clear_log)
 
         self.widget = w.VBox([
-            w.HBox([self.title, self.sort, self.refresh_button], layout=w.Layout(align_items="center")),
+            w.HBox([self.title, self.sort, self.refresh_button, self.chart_toggle],
+                   layout=w.Layout(align_items="center")),
             self.table,
+            self.chart_box,
             w.HBox([
                 w.VBox([self.tag_input, self.note_input, self.metrics_input, self.commit_toggle]),
                 self.objects_select,
@@ -383,6 +404,44 @@ class CheckpointPanel:
             self._refresh_objects()
             self._update_buttons()
             self._schedule_poll()
+        self._safely("chart", self._refresh_chart)
+
+    def _refresh_chart(self) -> None:
+        """Draw the chart of the ticked metric when it is shown and its data changed since last drawn
+        (matplotlib is imported then, not before)."""
+        self.chart_box.layout.display = "flex" if self.chart_toggle.value else "none"
+        if not self.chart_toggle.value:
+            return
+        from .lineage import log_from_infos
+        from .plots import MetricNotFoundError, metric_plot
+
+        with self._lock:
+            infos = list(self._infos.values())
+        log = log_from_infos(self.checkpointer.store, infos)
+        try:
+            every = metric_plot(log)
+        except MetricNotFoundError:
+            self.chart_plot, self._chart_drawn = None, None
+            self.chart_note.value = "<i>no checkpoint has a numeric metric yet: save one with metrics, e.g. loss=0.12</i>"
+            self.chart_image.value = b""
+            return
+        self._charting = True
+        try:
+            if list(self.chart_metric.options) != every.metrics:
+                current = self.chart_metric.value
+                self.chart_metric.options = every.metrics
+                self.chart_metric.value = current if current in every.metrics else every.metrics[0]
+        finally:
+            self._charting = False
+        metric = self.chart_metric.value
+        plot = metric_plot(log, [metric])
+        self.chart_plot = plot
+        drawn = repr(plot.series)
+        if drawn != self._chart_drawn:
+            self.chart_image.value = plot._repr_png_() or b""
+            self._chart_drawn = drawn
+        n = len(plot.series[metric])
+        self.chart_note.value = html.escape(f"{n} branch{'es' if n != 1 else ''}")
 
     def _cells(self, info: CheckpointInfo) -> dict[str, str]:
         row = _format.row(info)

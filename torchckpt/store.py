@@ -790,6 +790,30 @@ class Transaction:
             serialization.save(obj, stream)
         self._record(relpath, stream.result)
 
+    def link(self, relpath: str, candidate) -> str | None:
+        """Make ``relpath`` the same file as a committed file of the root (``dedup.Candidate``):
+        a hard link (or copy) through the same atomic path as :meth:`write`, recorded with the
+        candidate's size and checksum. Returns ``"linked"``/``"copied"``, or None when the
+        candidate cannot be used (then write the object instead). See :mod:`torchckpt.dedup`."""
+        from ._fileio import WrittenFile
+        from .dedup import place
+
+        relpath = self.relpath(relpath)
+        final = self.dir / relpath
+        if not final.parent.resolve().is_relative_to(self.dir.resolve()):
+            raise ManifestError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not written")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        how = place(final, candidate)
+        if how is not None:
+            rec = candidate.record
+            self._record(relpath, WrittenFile(final, rec.size, rec.checksum))
+        return how
+
+    def record_of(self, relpath: str) -> FileRecord | None:
+        """The size and checksum of a file this process wrote (synchronously) into the tag."""
+        with self._mutex:
+            return self._records.get(relpath)
+
     def _record(self, relpath: str, written) -> None:
         with self._mutex:
             self._records[relpath] = FileRecord(relpath, written.size, written.checksum, self.coordinator.rank)
