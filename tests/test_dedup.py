@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from torchckpt import dedup
-from torchckpt.manifest import MANIFEST_NAME, WRITING_NAME
+from torchckpt.layout import MANIFEST_NAME, WRITING_NAME
 from torchckpt.notebook import Checkpointer
 from torchckpt.store import CheckpointStore
 

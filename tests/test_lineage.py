@@ -14,8 +14,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
 from torchckpt.errors import InvalidTagError, TagNotFoundError
+from torchckpt.layout import MANIFEST_NAME
 from torchckpt.lineage import LineageLog, build_log, draw
-from torchckpt.manifest import MANIFEST_NAME
 from torchckpt.notebook import Checkpointer
 
 

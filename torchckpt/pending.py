@@ -250,6 +250,15 @@ class PendingSave(_render.Result):
         return self._current().checkpoint_size
 
     @property
+    def parent(self) -> str | None:
+        return self._current().parent
+
+    @property
+    def linked(self) -> dict[str, str]:
+        """name -> the committed tag whose identical file this save shares (see :mod:`torchckpt.dedup`)."""
+        return self._current().linked
+
+    @property
     def seconds(self) -> float:
         """Seconds the save took (so far, while in flight)."""
         return self._current().seconds if self.done() else time.perf_counter() - self._started
