@@ -59,7 +59,7 @@ def make_state(base_mib: int, dim: int = 4096) -> dict:
 
 def train_step(ns: dict) -> None:
     x = torch.randn(4, ns["base"][0].in_features)
-    for layer, a, b in zip(ns["base"], ns["adapters"].a, ns["adapters"].b):
+    for layer, a, b in zip(ns["base"], ns["adapters"].a, ns["adapters"].b, strict=False):
         x = layer(x) + (x @ a.T) @ b.T
     x.pow(2).mean().backward()
     ns["opt"].step()

@@ -136,24 +136,24 @@ def test_export_honours_the_umask(root, tmp_path):
 
 
 def test_one_size_for_a_checkpoint_save_ls_load(tmp_path):
-    from torchckpt import _render
+    from torchckpt import results
 
     with Checkpointer(tmp_path / "r") as ckpt:
         ns = {"model": torch.nn.Linear(3, 2)}
         saved = ckpt.save("s", ns)
         listed = CheckpointStore(tmp_path / "r").info("s").size
-        assert saved.checkpoint_size == listed and _render.size(listed) in saved.to_text()
-        assert _render.size(listed) in ckpt.load("s", ns).to_text()
+        assert saved.checkpoint_size == listed and results.size(listed) in saved.to_text()
+        assert results.size(listed) in ckpt.load("s", ns).to_text()
     ls = torchckpt("ls", tmp_path / "r").stdout
-    assert _render.size(listed) in ls
+    assert results.size(listed) in ls
 
 
 def test_wide_characters_keep_columns_aligned(tmp_path):
-    from torchckpt import _format
+    from torchckpt import results
 
     with Checkpointer(tmp_path / "r") as ckpt:
         ckpt.save("学習-1", {"x": 1})
         ckpt.save("plain", {"x": 1})
     lines = torchckpt("ls", tmp_path / "r").stdout.splitlines()
-    starts = {_format.width(line[: line.index("KiB") + 3]) for line in lines[1:]}
+    starts = {results.width(line[: line.index("KiB") + 3]) for line in lines[1:]}
     assert len(starts) == 1, lines

@@ -14,8 +14,8 @@ import torch
 from _ds_roots import OWN_TAGS, make_engine, write_root
 
 from torchckpt import CheckpointStore
-from torchckpt._format import COLUMNS
 from torchckpt.cli import main
+from torchckpt.results import COLUMNS
 
 pytest.importorskip("deepspeed")
 

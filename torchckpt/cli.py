@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from . import __version__, _format
+from . import __version__, results
 from .errors import (
     InvalidTagError,
     TorchckptError,
@@ -101,12 +101,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args.root)
     infos = store.list()
     if args.json:
-        _print_json([_format.record(i) for i in infos])
+        _print_json([results.record(i) for i in infos])
         return EXIT_OK
     if not infos:
         _echo(f"no checkpoints in {store.root}")
         return EXIT_OK
-    _echo(_format.render_table([_format.row(i) for i in infos]))
+    _echo(results.render_table([results.row(i) for i in infos]))
     return EXIT_OK
 
 
@@ -129,9 +129,9 @@ def _tag_facts(store, info) -> dict[str, Any]:
     from .store import scan_files
 
     manifest = info.manifest
-    status = _format.status(info)
-    facts: dict[str, Any] = _format.record(info)
-    facts["status_meaning"] = _format.STATUS_MEANINGS.get(status, "")
+    status = results.status(info)
+    facts: dict[str, Any] = results.record(info)
+    facts["status_meaning"] = results.STATUS_MEANINGS.get(status, "")
     if manifest is not None:
         facts["world_size"] = manifest.world_size
         facts["versions"] = manifest.versions
@@ -171,8 +171,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"tag:        {info.tag}",
         f"path:       {info.path}",
         f"status:     {status} - {facts['status_meaning']}",
-        f"created:    {_format.format_time(info.created)} ({_format.iso_time(info.created)})",
-        f"size:       {_format.human_size(info.size)} in {_plural(len(facts['file_list']), 'file')}",
+        f"created:    {results.format_time(info.created)} ({results.iso_time(info.created)})",
+        f"size:       {results.human_size(info.size)} in {_plural(len(facts['file_list']), 'file')}",
     ]
     if info.problem:
         lines.append(f"problem:    {info.problem}")
@@ -187,7 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key in ("step", "metrics", "note"):
             value = meta.pop(key, None)
             if value not in (None, {}, ""):
-                lines.append(f"{key + ':':<11} {_format.format_metrics(value) if key == 'metrics' else value}")
+                lines.append(f"{key + ':':<11} {results.format_metrics(value) if key == 'metrics' else value}")
         if meta:
             lines.append(f"metadata:   {json.dumps(meta, sort_keys=True, default=str)}")
     lines.append("")
@@ -196,12 +196,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         s = structures.get(f["path"])
         rows.append({
             "file": f["path"],
-            "size": _format.human_size(f["size"]),
+            "size": results.human_size(f["size"]),
             "format": s.format if s else "",
             "tensors": str(len(s.tensors)) if s and not s.error else "",
             "checksum": f["checksum"] or "(none)",
         })  # fmt: skip
-    lines.append(_format.render_table(rows, ("file", "size", "format", "tensors", "checksum")))
+    lines.append(results.render_table(rows, ("file", "size", "format", "tensors", "checksum")))
     for rel, s in structures.items():
         lines += ["", *_render_structure(rel, s, all_values=args.all_values)]
     _echo("\n".join(lines))
@@ -213,7 +213,7 @@ def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
 
     if s.error:
         return [f"{rel}: ERROR {s.error}"]
-    out = [f"{rel}: {s.format} format, {_plural(len(s.tensors), 'tensor')}, {_format.human_size(s.tensor_bytes)} of "
+    out = [f"{rel}: {s.format} format, {_plural(len(s.tensors), 'tensor')}, {results.human_size(s.tensor_bytes)} of "
            "tensor data"]
     if s.tensors:
         rows = [
@@ -223,7 +223,7 @@ def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
             for t in s.tensors
         ]  # fmt: skip
         cols = ("name", "shape", "dtype", "device") + (("kind",) if any(r["kind"] for r in rows) else ())
-        out += ["  " + line for line in _format.render_table(rows, cols).splitlines()]
+        out += ["  " + line for line in results.render_table(rows, cols).splitlines()]
     limit = None if all_values else 12
     values = s.values if limit is None else s.values[:limit]
     if values:
@@ -244,29 +244,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args.root)
     if args.all and args.tag:
         raise CliError("give a TAG or --all, not both")
-    results = []
+    outcomes = []
     targets = store.list() if args.all else [store.info(_tag(store, args.tag))]
     for info in targets:
-        status = _format.status(info)
+        status = results.status(info)
         if info.in_flight:
-            results.append({"tag": info.tag, "status": "skipped", "files_checked": 0, "problems": [],
+            outcomes.append({"tag": info.tag, "status": "skipped", "files_checked": 0, "problems": [],
                             "reason": "being written now; verify it after its commit"})  # fmt: skip
             continue
         if status == "deepspeed":
             problem = (f"no manifest: written by DeepSpeed's own engine, so there are no checksums to verify against; "
                        f"adopt it first: torchckpt adopt {args.root} {info.tag}")  # fmt: skip
-            results.append({"tag": info.tag, "status": "problem", "files_checked": 0, "problems": [problem]})
+            outcomes.append({"tag": info.tag, "status": "problem", "files_checked": 0, "problems": [problem]})
             continue
         report = store.verify(info.tag)
-        results.append({"tag": info.tag, "status": "ok" if report.ok else "problem",
+        outcomes.append({"tag": info.tag, "status": "ok" if report.ok else "problem",
                         "files_checked": report.files_checked, "problems": list(report.problems)})  # fmt: skip
-    bad = [r for r in results if r["status"] == "problem"]
+    bad = [r for r in outcomes if r["status"] == "problem"]
     if args.json:
-        _print_json({"ok": not bad, "checkpoints": results})
+        _print_json({"ok": not bad, "checkpoints": outcomes})
     else:
-        if not results:
+        if not outcomes:
             _echo(f"no checkpoints in {store.root}")
-        for r in results:
+        for r in outcomes:
             if r["status"] == "ok":
                 _echo(f"ok       {r['tag']} ({_plural(r['files_checked'], 'file')})")
             elif r["status"] == "skipped":
@@ -275,7 +275,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 _echo(f"PROBLEM  {r['tag']}: {p}")
         if bad:
             n = sum(len(r["problems"]) for r in bad)
-            print(f"{_plural(n, 'problem')} in {_plural(len(bad), 'checkpoint')} of {len(results)}", file=sys.stderr)
+            print(f"{_plural(n, 'problem')} in {_plural(len(bad), 'checkpoint')} of {len(outcomes)}", file=sys.stderr)
     return EXIT_PROBLEM if bad else EXIT_OK
 
 
@@ -345,7 +345,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.skipped:
         shown = ", ".join(result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
         print(f"torchckpt: note: left out {_plural(len(result.skipped), 'non-tensor entry')}: {shown}", file=sys.stderr)
-    _echo(f"exported {_plural(result.tensors, 'tensor')} ({_format.human_size(result.nbytes)}) "
+    _echo(f"exported {_plural(result.tensors, 'tensor')} ({results.human_size(result.nbytes)}) "
           f"from {result.tag}/{result.source} to {result.path}")  # fmt: skip
     return EXIT_OK
 
@@ -359,7 +359,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     store = _store(args.root, must_exist=False)
     manifest = import_safetensors(store, src, args.tag, key=args.key, note=args.note, save_latest=not args.no_latest)
     rec = next(iter(manifest.files.values()))
-    _echo(f"imported {src} as {manifest.tag}/{rec.path} ({_format.human_size(rec.size)}), committed")
+    _echo(f"imported {src} as {manifest.tag}/{rec.path} ({results.human_size(rec.size)}), committed")
     return EXIT_OK
 
 
@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("log", cmd_log, "draw the lineage tree of a root's checkpoints",
-                "Draw the tree of committed tags, newest first, as git log --graph: each notebook save records the tag\n"
-                "it branched from (its parent). A removed parent is shown as (removed).")  # fmt: skip
+                "Draw the tree of committed tags, newest first, as git log --graph: each notebook save records\n"
+                "the tag it branched from (its parent). A removed parent is shown as (removed).")  # fmt: skip
     p.add_argument("tag", metavar="TAG", nargs="?", help="show only this tag's ancestors and descendants")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Remove incomplete tags nobody is writing, leftovers of interrupted writes and, with --keep-last N,\n"
                 "committed tags older than the newest N. Never removes `latest`, a tag being written, or a\n"
                 "checkpoint DeepSpeed's own engine wrote (adopt it to manage it).")  # fmt: skip
-    p.add_argument("--keep-last", type=_format.positive_int, metavar="N", help="keep the newest N committed tags")
+    p.add_argument("--keep-last", type=results.positive_int, metavar="N", help="keep the newest N committed tags")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -498,7 +498,7 @@ def _load_options(p: argparse.ArgumentParser) -> None:
 
 
 def _status_meanings() -> dict[str, str]:
-    from ._format import STATUS_MEANINGS
+    from .results import STATUS_MEANINGS
 
     return STATUS_MEANINGS
 

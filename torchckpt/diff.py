@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import _render
+from . import results
 from .state import normalise_key
 from .store import CheckpointInfo, CheckpointStore
 
@@ -28,7 +28,7 @@ _META_SKIP = frozenset({"objects", "format", "rng", "parent", "content_keys"})  
 
 
 @dataclass
-class CheckpointDiff(_render.Result):
+class CheckpointDiff(results.Result):
     """The differences from tag ``a`` to tag ``b``.
 
     Attributes:
@@ -105,18 +105,18 @@ class CheckpointDiff(_render.Result):
         if self.value_changes:
             sections.append(("values", ["key", self.a, self.b], [list(v) for v in self.value_changes]))
         if self.metadata_changes:
-            rows = [[k, _render.short(x), _render.short(y)] for k, x, y in self.metadata_changes]
+            rows = [[k, results.short(x), results.short(y)] for k, x, y in self.metadata_changes]
             sections.append(("metadata", ["key", self.a, self.b], rows))
         return [(title, headers, _cut(rows, len(headers))) for title, headers, rows in sections]
 
     def to_html(self) -> str:
-        parts = [_render.html_lines([self.summary()])]
-        parts += [_render.html_table(h, rows, title=t) for t, h, rows in self._sections()]
+        parts = [results.html_lines([self.summary()])]
+        parts += [results.html_table(h, rows, title=t) for t, h, rows in self._sections()]
         return "".join(parts)
 
     def to_text(self) -> str:
         parts = [self.summary()]
-        parts += [_render.text_table(h, rows, title=t) for t, h, rows in self._sections()]
+        parts += [results.text_table(h, rows, title=t) for t, h, rows in self._sections()]
         return "\n\n".join(parts)
 
 
@@ -194,7 +194,7 @@ def _compare(unit: str, left: dict[str, Any], right: dict[str, Any], result: Che
                 result.dtype_changes.append((name(key), str(x.dtype), str(y.dtype)))
             result.deltas[name(key)], result.relative[name(key)] = _change(x, y)
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or not _same(x, y):
-            result.value_changes.append((name(key), _render.short(_plain(x)), _render.short(_plain(y))))
+            result.value_changes.append((name(key), results.short(_plain(x)), results.short(_plain(y))))
 
 
 def _plain(v: Any) -> Any:

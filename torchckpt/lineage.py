@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _format, _render
+from . import results
 from .errors import IncompleteCheckpointError, TagNotFoundError
 from .manifest import validate_tag
 
@@ -44,7 +44,7 @@ def parent_of(metadata: dict[str, Any]) -> tuple[str | None, str | None]:
     try:
         return validate_tag(value), None
     except ValueError as e:
-        return None, f"invalid parent {_render.short(value, 40)!r} in the manifest ({e})"
+        return None, f"invalid parent {results.short(value, 40)!r} in the manifest ({e})"
 
 
 def check_parent(value: Any) -> str | None:
@@ -86,13 +86,13 @@ class Node:
         return {
             "tag": self.tag, "parent": self.parent, "status": self.status, "step": self.step,
             "metrics": self.metrics, "note": self.note, "created": self.created,
-            "created_iso": _format.iso_time(self.created) if self.created else None,
+            "created_iso": results.iso_time(self.created) if self.created else None,
             "latest": self.latest, "children": list(self.children), "problem": self.problem,
         }
 
 
 @dataclass
-class LineageLog(_render.Result):
+class LineageLog(results.Result):
     """The tree of a root's committed tags (:func:`build_log`), newest first.
 
     Attributes:
@@ -161,8 +161,8 @@ class LineageLog(_render.Result):
             flags.append(n.problem)
         elif n.parent is not None and n.parent in self.nodes and self.nodes[n.parent].status != "committed":
             flags.append(f"parent {n.parent} {self.nodes[n.parent].status}")
-        return [tag, "" if n.step is None else f"step {n.step}", _format.format_metrics(n.metrics),
-                _format.one_line(n.note), age(self.now - n.created) if n.created else "", ", ".join(flags)]
+        return [tag, "" if n.step is None else f"step {n.step}", results.format_metrics(n.metrics),
+                results.one_line(n.note), age(self.now - n.created) if n.created else "", ", ".join(flags)]
 
     def _empty(self) -> str:
         return f"no committed checkpoints in {self.root}"
@@ -171,12 +171,12 @@ class LineageLog(_render.Result):
         if not self.order:
             return self._empty()
         rows = [[g] + (self._cells(t) if t is not None else [""] * 6) for t, g in self.graph]
-        widths = [max(_format.width(r[i]) for r in rows) for i in range(7)]
-        return "\n".join("  ".join(_format.pad(c, w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        widths = [max(results.width(r[i]) for r in rows) for i in range(7)]
+        return "\n".join("  ".join(results.pad(c, w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows)
 
     def to_html(self) -> str:
         if not self.order:
-            return _render.html_lines([self._empty()])
+            return results.html_lines([self._empty()])
         cell = "padding:0 8px;text-align:left;white-space:nowrap"
         rows = []
         for tag, g in self.graph:
@@ -348,7 +348,8 @@ def log_from_infos(store: CheckpointStore, infos: Iterable[CheckpointInfo], *, n
     """The whole tree from infos already listed (the panel lists the root once per refresh)."""
     nodes = nodes_from(infos)
     order = _display_order(nodes)
-    return LineageLog(str(_shown(store.root)), nodes, order, draw(nodes, order), now=time.time() if now is None else now)
+    now = time.time() if now is None else now
+    return LineageLog(str(_shown(store.root)), nodes, order, draw(nodes, order), now=now)
 
 
 def _ancestors(nodes: dict[str, Node], tag: str) -> list[str]:

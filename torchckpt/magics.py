@@ -23,7 +23,7 @@ from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
 from traitlets import Bool, CaselessStrEnum, Float, TraitError, Unicode, observe, validate
 from traitlets.config import Configurable
 
-from . import _format
+from . import results
 from .errors import TorchckptError, in_dialect
 
 #: The subcommands, in the order ``%ckpt?`` lists them.
@@ -251,7 +251,7 @@ def _build_parsers() -> dict[str, _Parser]:
     r.add_argument("tags", nargs="+")
     r.add_argument("--force", action="store_true", help="also remove the tag 'latest' points to")
     g = new("gc", "Remove incomplete checkpoints, leftovers and, with --keep-last, older committed ones.")
-    g.add_argument("--keep-last", type=_format.positive_int, metavar="N", help="keep the newest N committed tags")
+    g.add_argument("--keep-last", type=results.positive_int, metavar="N", help="keep the newest N committed tags")
     g.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     dr = new("dir", "Show or set the checkpoint root (also: %config CkptMagics.root = 'path').")
     dr.add_argument("path", nargs="?")

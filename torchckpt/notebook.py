@@ -32,11 +32,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _format, _render, dedup, state
+from . import dedup, state
 from .errors import (
     CheckpointInUseError,
     ClosedError,
@@ -52,7 +52,18 @@ from .layout import RNG_FILE, object_file
 from .lineage import PARENT_KEY, LineageLog, build_log, check_parent, parent_of
 from .manifest import check_metadata, validate_tag
 from .options import CheckpointOptions
-from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction, VerifyReport
+from .results import (
+    LoadedObject,
+    LoadResult,
+    RemoveResult,
+    SavedObject,
+    SaveResult,
+    TagDetails,
+    TagList,
+    VerifyResult,
+    _objects_of,
+)
+from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction
 
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
@@ -69,337 +80,6 @@ PROGRESS_MIN_BYTES = CheckpointOptions.progress_min_bytes
 _UNSET: Any = object()
 #: save()'s default parent: the Checkpointer's head.
 _HEAD = object()
-
-
-# -- results ------------------------------------------------------------------------------------
-_Result = _render.Result
-
-
-@dataclass
-class SavedObject:
-    """One object of a save: its name, kind, class, file and size (None while being written)."""
-
-    name: str
-    kind: str
-    type: str
-    file: str | None
-    size: int | None = None
-
-
-@dataclass
-class SaveResult(_Result):
-    """The outcome of :meth:`Checkpointer.save` or :meth:`Checkpointer.commit`.
-
-    ``status`` is ``committed``; ``committing`` (async, commit follows the writes);
-    ``writing`` (async, not to be committed); ``uncommitted`` (written, not committed);
-    or ``failed`` (``error`` says why).
-    """
-
-    tag: str
-    root: Path
-    objects: list[SavedObject]
-    status: str
-    async_save: bool = False
-    seconds: float = 0.0
-    step: int | None = None
-    note: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    replaced: bool = False
-    error: BaseException | None = None
-    #: What the save left out or changed, and why (objects skipped by a save with no names...).
-    notes: list[str] = field(default_factory=list)
-    #: The checkpoint's size as ``ls`` shows it: every file of the tag (objects, RNG states...).
-    checkpoint_size: int | None = None
-    #: The tag this save branched from (the namespace's last load or save; None for the first).
-    parent: str | None = None
-    #: name -> the tag whose identical file it shares (a hard link: no new bytes on disk).
-    linked: dict[str, str] = field(default_factory=dict)
-    quiet: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def committed(self) -> bool:
-        return self.status == "committed"
-
-    @property
-    def size(self) -> int | None:
-        sizes = [o.size for o in self.objects]
-        return None if any(s is None for s in sizes) else sum(s or 0 for s in sizes)
-
-    @property
-    def names(self) -> list[str]:
-        return [o.name for o in self.objects]
-
-    def __repr__(self) -> str:
-        names = ", ".join(self.names)
-        notes = f" ({len(self.notes)} note{'s' if len(self.notes) != 1 else ''}: see .notes)" if self.notes else ""
-        return f"<SaveResult {self.tag!r} {self.status}: {names}{notes}>"
-
-    def _headline(self) -> str:
-        what = {
-            "committed": "committed",
-            "committing": "saving in the background; commits when written",
-            "writing": "saving in the background; not committed (commit it with %ckpt commit)",
-            "uncommitted": "saved, not committed (commit it with %ckpt commit)",
-            "failed": f"FAILED: {self.error}",
-        }[self.status]
-        extra = [f"step {self.step}"] if self.step is not None else []
-        if self.checkpoint_size is not None:
-            extra.append(_render.size(self.checkpoint_size))
-        elif self.size is not None:
-            extra.append(_render.size(self.size))
-        if self.seconds:
-            extra.append(_render.duration(self.seconds))
-        if self.replaced:
-            extra.append("replaced the previous checkpoint of that tag")
-        if self.parent is not None:
-            extra.append(f"from {self.parent}")
-        return f"{self.tag}: {what}" + (f" ({', '.join(extra)})" if extra else "")
-
-    def _rows(self) -> list[list[str]]:
-        return [[o.name, o.kind, o.type.rsplit(".", 1)[-1], _render.size(o.size) if o.size is not None else "…"]
-                for o in self.objects]
-
-    def to_html(self) -> str:
-        return _render.html_table(["object", "kind", "type", "size"], self._rows(), title=self._headline()) + (
-            _render.html_lines([f"note: {n}" for n in self.notes]))
-
-    def to_text(self) -> str:
-        text = _render.text_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
-        return "\n".join([text] + [f"note: {n}" for n in self.notes])
-
-
-@dataclass
-class LoadedObject:
-    """One restored object: ``action`` is ``restored`` (in place), ``assigned`` (the name was
-    bound to the saved value) or ``into`` (bound to ``target``)."""
-
-    name: str
-    kind: str
-    action: str
-    target: str
-
-
-@dataclass
-class LoadResult(_Result):
-    """The outcome of :meth:`Checkpointer.load`."""
-
-    tag: str
-    root: Path
-    objects: list[LoadedObject]
-    rng: bool
-    seconds: float
-    size: int
-    notes: list[str] = field(default_factory=list)
-    #: Why the RNG states were (not) restored, for the headline.
-    rng_reason: str = ""
-    #: The whole checkpoint's size (``size`` is what this load read of it).
-    checkpoint_size: int | None = None
-    quiet: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def names(self) -> list[str]:
-        return [o.name for o in self.objects]
-
-    def __repr__(self) -> str:
-        return f"<LoadResult {self.tag!r}: {', '.join(self.names)}{' + rng' if self.rng else ''}>"
-
-    def _headline(self) -> str:
-        rng = "RNG states restored" if self.rng else "RNG states left as they were"
-        rng += f" ({self.rng_reason})" if self.rng_reason else ""
-        read = _render.size(self.size)
-        if self.checkpoint_size is not None and self.checkpoint_size != self.size:
-            read = f"read {read} of {_render.size(self.checkpoint_size)}"
-        return f"{self.tag}: loaded ({read}, {_render.duration(self.seconds)}); {rng}"
-
-    def _rows(self) -> list[list[str]]:
-        how = {"restored": "restored in place", "assigned": "assigned", "into": "loaded into"}
-        return [[o.name, o.kind, how[o.action] + (f" {o.target}" if o.action == "into" else "")]
-                for o in self.objects]
-
-    def to_html(self) -> str:
-        return _render.html_table(["object", "kind", "action"], self._rows(), title=self._headline()) + (
-            _render.html_lines([f"note: {n}" for n in self.notes]))
-
-    def to_text(self) -> str:
-        text = _render.text_table(["object", "kind", "action"], self._rows(), title=self._headline())
-        return "\n".join([text] + [f"note: {n}" for n in self.notes])
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the working directory when it lies inside it (shorter, and stable)."""
-    try:
-        return path.relative_to(Path.cwd()).as_posix() or "."
-    except ValueError:
-        return str(path)
-
-
-def _objects_of(info: CheckpointInfo) -> dict[str, dict[str, Any]]:
-    objs = info.metadata.get("objects")
-    return objs if isinstance(objs, dict) else {}
-
-
-@dataclass
-class TagList(_Result):
-    """Every tag under the root (:meth:`Checkpointer.list`), oldest first."""
-
-    root: Path
-    infos: list[CheckpointInfo]
-    pending: list[str] = field(default_factory=list)
-    quiet: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def tags(self) -> list[str]:
-        return [i.tag for i in self.infos]
-
-    def __len__(self) -> int:
-        return len(self.infos)
-
-    def __iter__(self):
-        return iter(self.infos)
-
-    def __repr__(self) -> str:
-        return f"<TagList {len(self.infos)} tags in {str(self.root)!r}>"
-
-    _HEADERS = _format.COLUMNS + ("objects",)
-
-    def _rows(self) -> list[list[str]]:
-        rows = []
-        for i in self.infos:
-            cells = _format.row(i)
-            if i.tag in self.pending:
-                cells["status"] = "pending"
-            cells["objects"] = ", ".join(_objects_of(i))
-            rows.append([cells[c] for c in self._HEADERS])
-        return rows
-
-    def to_html(self) -> str:
-        if not self.infos:
-            return _render.html_lines([f"no checkpoints in {_shown(self.root)}"])
-        return _render.html_table(self._HEADERS, self._rows(), title=_shown(self.root))
-
-    def to_text(self) -> str:
-        if not self.infos:
-            return f"no checkpoints in {_shown(self.root)}"
-        return _render.text_table(self._HEADERS, self._rows(), title=_shown(self.root))
-
-
-@dataclass
-class TagDetails(_Result):
-    """One tag in detail (:meth:`Checkpointer.info`): status, metadata, objects and files."""
-
-    info: CheckpointInfo
-    quiet: bool = field(default=False, repr=False, compare=False)
-
-    def __repr__(self) -> str:
-        return f"<TagDetails {self.info.tag!r} {self.info.status}>"
-
-    def _summary(self) -> list[str]:
-        i, md = self.info, self.info.metadata
-        latest = " (latest)" if i.is_latest else ""
-        lines = [f"{i.tag}: {_format.status(i)}{latest}, {_render.size(i.size)}, created {_render.when(i.created)}"]
-        if i.problem:
-            lines.append(f"problem: {i.problem}")
-        for key in ("step", "note"):
-            if md.get(key) is not None:
-                lines.append(f"{key}: {md[key]}")
-        if PARENT_KEY in md:
-            lines.append(f"parent: {_parent_line(i)}")
-        if md.get("metrics"):
-            lines.append(f"metrics: {_format.format_metrics(md['metrics'])}")
-        if i.manifest is not None and i.manifest.versions:
-            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(i.manifest.versions.items())))
-        return lines
-
-    def _rows(self) -> list[list[str]]:
-        owners = {o.get("file"): name for name, o in _objects_of(self.info).items() if isinstance(o, dict)}
-        kinds = {o.get("file"): o.get("kind", "") for o in _objects_of(self.info).values() if isinstance(o, dict)}
-        if self.info.manifest is None:
-            return []
-        return [[rec.path, owners.get(rec.path, "rng" if rec.path == RNG_FILE else ""),
-                 kinds.get(rec.path, ""), _render.size(rec.size), rec.checksum.split(":")[-1][:12]]
-                for rec in self.info.manifest.files.values()]
-
-    _HEADERS = ("file", "object", "kind", "size", "checksum")
-
-    def to_html(self) -> str:
-        return _render.html_lines(self._summary()) + _render.html_table(self._HEADERS, self._rows())
-
-    def to_text(self) -> str:
-        return "\n".join(self._summary() + [_render.text_table(self._HEADERS, self._rows())])
-
-
-def _parent_line(info: CheckpointInfo) -> str:
-    """``step-100``, ``step-100 (removed)``, ``none (the first save)``, or why it was refused."""
-    parent, problem = parent_of(info.metadata)
-    if problem:
-        return problem
-    if parent is None:
-        return "none (the first save of its lineage)"
-    from .manifest import MANIFEST_NAME
-
-    if not (info.path.parent / parent / MANIFEST_NAME).is_file():
-        return f"{parent} ({'removed' if not (info.path.parent / parent).exists() else 'not committed'})"
-    return parent
-
-
-@dataclass
-class VerifyResult(_Result):
-    """The outcome of :meth:`Checkpointer.verify`: every problem, by file."""
-
-    report: VerifyReport
-    quiet: bool = field(default=False, repr=False, compare=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.report.ok
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __repr__(self) -> str:
-        return f"<VerifyResult {self.report.tag!r} {'OK' if self.ok else 'FAILED'}>"
-
-    def _lines(self) -> list[str]:
-        r = self.report
-        if r.ok:
-            return [f"{r.tag}: OK, {r.files_checked} files match the manifest"]
-        return [f"{r.tag}: FAILED, {len(r.problems)} problem(s)"] + [f"  {p}" for p in r.problems]
-
-    def to_html(self) -> str:
-        return _render.html_lines(self._lines())
-
-    def to_text(self) -> str:
-        return "\n".join(self._lines())
-
-
-@dataclass
-class RemoveResult(_Result):
-    """What :meth:`Checkpointer.remove` or :meth:`Checkpointer.gc` removed (or would remove)."""
-
-    removed: list[str]
-    kept: list[str] = field(default_factory=list)
-    leftovers: int = 0
-    dry_run: bool = False
-    quiet: bool = field(default=False, repr=False, compare=False)
-
-    def __repr__(self) -> str:
-        verb = "would remove" if self.dry_run else "removed"
-        return f"<RemoveResult {verb} {len(self.removed)}: {', '.join(self.removed)}>"
-
-    def _lines(self) -> list[str]:
-        verb = "would remove" if self.dry_run else "removed"
-        lines = [f"{verb}: {', '.join(self.removed) if self.removed else 'nothing'}"]
-        if self.leftovers:
-            lines.append(f"{verb} {self.leftovers} leftover temporary file(s)")
-        if self.kept:
-            lines.append(f"kept: {', '.join(self.kept)}")
-        return lines
-
-    def to_html(self) -> str:
-        return _render.html_lines(self._lines())
-
-    def to_text(self) -> str:
-        return "\n".join(self._lines())
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -1069,7 +749,8 @@ class Checkpointer:
         from .plots import diff_plot
 
         result = self.diff(a, b, map_location=map_location)
-        kinds = {n: str(o.get("kind")) for n, o in _objects_of(self.store.info(result.a)).items() if isinstance(o, dict)}
+        saved = _objects_of(self.store.info(result.a))
+        kinds = {n: str(o.get("kind")) for n, o in saved.items() if isinstance(o, dict)}
         return diff_plot(result, kinds)
 
     def remove(self, tags: str | builtins.list[str], *, force: bool = False) -> RemoveResult:

@@ -34,7 +34,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from . import _format
+from . import results
 from .errors import InvalidArgumentError, TagNotFoundError, TorchckptError, in_dialect
 from .manifest import validate_tag
 from .notebook import Checkpointer, parse_metrics
@@ -219,7 +219,8 @@ class CheckpointPanel:
                                layout=w.Layout(width="200px"))
         self.sort.add_class("torchckpt-sort")
         self.refresh_button = button("Refresh", "torchckpt-refresh", "re-read the checkpoint root")
-        self.chart_toggle = w.ToggleButton(value=False, description="Chart", layout=w.Layout(width="auto", flex="0 0 auto"),
+        self.chart_toggle = w.ToggleButton(value=False, description="Chart",
+                                           layout=w.Layout(width="auto", flex="0 0 auto"),
                                            tooltip="plot a metric against step, one line per lineage branch")
         self.chart_toggle.add_class("torchckpt-chart-toggle")
         self.chart_metric = w.Dropdown(options=[], description="metric", layout=w.Layout(width="220px"))
@@ -422,7 +423,8 @@ class CheckpointPanel:
             every = metric_plot(log)
         except MetricNotFoundError:
             self.chart_plot, self._chart_drawn = None, None
-            self.chart_note.value = "<i>no checkpoint has a numeric metric yet: save one with metrics, e.g. loss=0.12</i>"
+            self.chart_note.value = ("<i>no checkpoint has a numeric metric yet: save one with metrics, "
+                                     "e.g. loss=0.12</i>")
             self.chart_image.value = b""
             return
         self._charting = True
@@ -444,10 +446,10 @@ class CheckpointPanel:
         self.chart_note.value = html.escape(f"{n} branch{'es' if n != 1 else ''}")
 
     def _cells(self, info: CheckpointInfo) -> dict[str, str]:
-        row = _format.row(info)
+        row = results.row(info)
         status = "pending" if info.tag in self._pending else row["status"]
         colour = _STATUS_COLOURS.get(status, "inherit")
-        title = html.escape(info.problem or _format.STATUS_MEANINGS.get(status, "saved by this kernel, not committed"),
+        title = html.escape(info.problem or results.STATUS_MEANINGS.get(status, "saved by this kernel, not committed"),
                             quote=True)
         cells = {name: html.escape(row[name]) for name, _, _ in _COLUMNS}
         cells["tag"] = f"<code>{cells['tag']}</code>" + (_LATEST_BADGE if info.is_latest else "")
@@ -665,7 +667,7 @@ class CheckpointPanel:
         note = self.note_input.value.strip() or None
         info = self._infos.get(tag)
         if info is not None or tag in self._pending:
-            what = "pending" if tag in self._pending or info is None else _format.status(info)
+            what = "pending" if tag in self._pending or info is None else results.status(info)
             return self._ask(f"{tag!r} exists ({what}): replace it?", "save",
                              lambda: self._save(tag, names, note, metrics, overwrite=True))
         self._save(tag, names, note, metrics)
@@ -705,7 +707,7 @@ class CheckpointPanel:
             handle.wait()  # the writes; a failure is shown now (Commit would raise it again)
             return
         result = self.checkpointer.commit(handle.tag)  # waits on the handle; reports the outcome once
-        size = _format.human_size(self.checkpointer.store.info(handle.tag).size)
+        size = results.human_size(self.checkpointer.store.info(handle.tag).size)
         self._say(f"saved {handle.tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
 
     @_handler("load")
@@ -725,7 +727,7 @@ class CheckpointPanel:
             where = f" onto {location}" if location else ""
             rng = " + RNG" if result.rng else f" (RNG states left as they were: {result.rng_reason})"
             self._say(f"loaded {tag!r}{where}: {', '.join(result.names)}{rng} "
-                      f"({_format.human_size(result.size)}, {result.seconds:.2f} s)")
+                      f"({results.human_size(result.size)}, {result.seconds:.2f} s)")
             for note in result.notes:
                 self._log(f"note: {note}")
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _render
+from . import results
 
 if TYPE_CHECKING:
     from .notebook import SavedObject, SaveResult
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 
 
-class PendingSave(_render.Result):
+class PendingSave(results.Result):
     """A save writing (and committing) in the background, as :class:`concurrent.futures.Future`.
 
     Attributes read like the :class:`~torchckpt.notebook.SaveResult` it ends with (``tag``,
@@ -265,7 +265,7 @@ class PendingSave(_render.Result):
 
     # -- rendering --------------------------------------------------------------------------------
     def _progress_text(self) -> str:
-        return f"{_render.size(self.bytes_written)} of {_render.size(self.total_bytes)} written"
+        return f"{results.size(self.bytes_written)} of {results.size(self.total_bytes)} written"
 
     def _phase(self) -> str:
         if self.done():
@@ -274,9 +274,9 @@ class PendingSave(_render.Result):
                 return f"FAILED: {type(self.error).__name__}: {self.error}"
             return "written, not committed" if status == "uncommitted" else status
         if self._written < self._estimate or not self._estimate:
-            what = f"writing {_render.size(self.bytes_written)} of {_render.size(self.total_bytes)}"
+            what = f"writing {results.size(self.bytes_written)} of {results.size(self.total_bytes)}"
         else:
-            what = f"written ({_render.size(self.bytes_written)}), finishing"
+            what = f"written ({results.size(self.bytes_written)}), finishing"
         return what + ("; commits when written" if self.commits else "; not to be committed yet")
 
     def __repr__(self) -> str:
@@ -290,10 +290,10 @@ class PendingSave(_render.Result):
 
     def to_html(self) -> str:
         current = self._current()
-        return _render.html_table(["object", "kind", "type", "size"], current._rows(), title=self._headline()) + (
-            _render.html_lines([f"note: {n}" for n in current.notes]))
+        return results.html_table(["object", "kind", "type", "size"], current._rows(), title=self._headline()) + (
+            results.html_lines([f"note: {n}" for n in current.notes]))
 
     def to_text(self) -> str:
         current = self._current()
-        text = _render.text_table(["object", "kind", "type", "size"], current._rows(), title=self._headline())
+        text = results.text_table(["object", "kind", "type", "size"], current._rows(), title=self._headline())
         return "\n".join([text] + [f"note: {n}" for n in current.notes])

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _format, _render
+from . import results
 from .errors import InvalidArgumentError, ObjectNotFoundError
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class Point:
 
 
 @dataclass
-class MetricPlot(_render.Result):
+class MetricPlot(results.Result):
     """Each metric against step, one line per lineage branch (named by its newest tag).
 
     Attributes:
@@ -102,7 +102,7 @@ class MetricPlot(_render.Result):
         lines = [repr(self)]
         for metric, branches in self.series.items():
             for branch, pts in branches.items():
-                lines.append(f"{metric} [{branch}]: " + ", ".join(f"{p.tag}@{p.step}={_format.format_value(p.value)}"
+                lines.append(f"{metric} [{branch}]: " + ", ".join(f"{p.tag}@{p.step}={results.format_value(p.value)}"
                                                                   for p in pts))
         return "\n".join(lines + _chart_note())
 
@@ -118,7 +118,7 @@ class MetricPlot(_render.Result):
         n = len(self.series)
         fig = figure_cls(figsize=(6.4, 3.2 * n))
         axes = [fig.add_subplot(n, 1, i + 1) for i in range(n)]
-        for ax, (metric, branches) in zip(axes, self.series.items()):
+        for ax, (metric, branches) in zip(axes, self.series.items(), strict=False):
             labelled: set[str] = set()
             for branch, pts in branches.items():
                 ax.plot([p.step for p in pts], [p.value for p in pts], marker="o", label=branch)
@@ -187,7 +187,7 @@ def _number(v: Any) -> bool:
 
 
 @dataclass
-class DiffPlot(_render.Result):
+class DiffPlot(results.Result):
     """Per-parameter relative change ``‖B−A‖/‖A‖`` between two tags, as bars in module order.
 
     Attributes:
@@ -209,7 +209,7 @@ class DiffPlot(_render.Result):
 
     def to_text(self) -> str:
         rows = [[k, f"{v:.3g}"] for k, v in self.relative.items()]
-        return "\n".join([repr(self), _render.text_table(["parameter", "‖B−A‖/‖A‖"], rows), *_chart_note()])
+        return "\n".join([repr(self), results.text_table(["parameter", "‖B−A‖/‖A‖"], rows), *_chart_note()])
 
     def _repr_html_(self) -> None:
         return None
@@ -238,10 +238,7 @@ def diff_plot(diff: CheckpointDiff, kinds: dict[str, str]) -> DiffPlot:
     """The modules' parameters of a diff (``kinds``: object name -> kind, from the manifest); a
     diff of tags without notebook objects keeps every tensor."""
     modules = {n for n, k in kinds.items() if k in ("module", "deepspeed")}
-    if modules:
-        rel = {k: v for k, v in diff.relative.items() if k.split("/", 1)[0] in modules}
-    else:
-        rel = dict(diff.relative)
+    rel = {k: v for k, v in diff.relative.items() if k.split("/", 1)[0] in modules} if modules else dict(diff.relative)
     if not rel:
         raise InvalidArgumentError(
             f"{diff.a} and {diff.b} share no module parameters to plot; compare tags that saved the same model"

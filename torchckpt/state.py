@@ -215,7 +215,7 @@ def discover(
             continue
         size = nbytes(obj) if kind in ("tensor", "ndarray") else 0
         if max_bytes is not None and size > max_bytes:
-            from ._render import size as human
+            from .results import size as human
 
             skipped[name] = (f"a {kind} of {human(size)}, over the {human(max_bytes)} limit of saves without "
                              "names (a data set?); name it to save it")

@@ -801,7 +801,8 @@ class Transaction:
         relpath = self.relpath(relpath)
         final = self.dir / relpath
         if not final.parent.resolve().is_relative_to(self.dir.resolve()):
-            raise ManifestError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); not written")
+            raise UnsafePathError(f"{relpath!r} leads outside the tag directory {self.dir} (a symbolic link); "
+                                  "not written")
         final.parent.mkdir(parents=True, exist_ok=True)
         how = place(final, candidate)
         if how is not None:

@@ -1,0 +1,577 @@
+"""What torchckpt shows: the result objects of every surface, and how they are rendered.
+
+One presentation layer for the notebook (``_repr_html_``), the panel and the terminal (``to_text``,
+``torchckpt``'s output): the result classes (:class:`SaveResult`, :class:`LoadResult`,
+:class:`TagList`, :class:`TagDetails`, :class:`VerifyResult`, :class:`RemoveResult`), each with
+``to_dict()`` (plain JSON, what ``--json`` prints); the checkpoint table's columns and status
+vocabulary (:data:`COLUMNS`, :data:`STATUS_MEANINGS`, :func:`status`, :func:`row`, :func:`record`);
+sizes, times, truncation and display-width-aligned tables.
+
+Nothing here imports torch, and the API modules below it (store, manifest, layout) import nothing
+from here.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from .layout import MANIFEST_NAME, RNG_FILE, origin
+
+if TYPE_CHECKING:
+    from .store import CheckpointInfo, VerifyReport
+
+
+# -- words, sizes and times -----------------------------------------------------------------
+#: The columns of the checkpoint table, in order (``torchckpt ls``, ``%ckpt ls``, the panel).
+COLUMNS: tuple[str, ...] = ("tag", "created", "size", "step", "metrics", "note", "status", "latest")
+
+#: What each status means; the CLI's ``ls --help`` and the docs show this.
+STATUS_MEANINGS: dict[str, str] = {
+    "committed": "complete: the manifest lists every file with its checksum",
+    "incomplete": "no manifest: never committed (crashed or aborted save); gc removes it when torchckpt wrote it "
+                  "(a directory another tool wrote is kept)",
+    "writing": "a process is writing it now; gc and rm leave it alone",
+    "unreadable": "the manifest exists but cannot be read; see `torchckpt info`",
+    "deepspeed": "written by DeepSpeed's own engine (no manifest); inspect it, `torchckpt adopt` it",
+}
+
+_NOTE_WIDTH = 40
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``; bytes below 1 KiB are shown exactly."""
+    n = float(n)
+    if n < 1024:
+        return f"{int(n)} B"
+    exp = min(int(math.log(n, 1024)), len(_UNITS) - 1)
+    value = n / 1024**exp
+    if round(value, 1) >= 1024 and exp < len(_UNITS) - 1:  # 1023.96 KiB -> 1.0 MiB
+        exp, value = exp + 1, value / 1024
+    return f"{value:.1f} {_UNITS[exp]}"
+
+
+def format_time(ts: float) -> str:
+    """A local wall-clock time, to the second: ``'2026-11-30 04:48:35'``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def iso_time(ts: float) -> str:
+    """UTC, ISO 8601, to the second: ``'2026-11-30T04:48:35Z'`` (the manifest's ``created_iso``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def format_value(value: Any) -> str:
+    """A metric value: floats to 4 significant digits, everything else as ``str``."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_metrics(metrics: Any) -> str:
+    """``{'loss': 0.1234567, 'acc': 0.9}`` -> ``'loss=0.1235 acc=0.9'``."""
+    if not metrics:
+        return ""
+    if not isinstance(metrics, Mapping):
+        return format_value(metrics)
+    return " ".join(f"{k}={format_value(v)}" for k, v in metrics.items())
+
+
+def one_line(text: Any, width: int = _NOTE_WIDTH) -> str:
+    """Collapse whitespace (newlines included) and cut to ``width`` characters with '...'."""
+    if text is None:
+        return ""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def status(info: CheckpointInfo) -> str:
+    """The status column: the store's status, with ``deepspeed`` for DeepSpeed's own checkpoints."""
+    if not info.committed and not info.in_flight and not info.problem and origin(info.path) == "deepspeed":
+        return "deepspeed"
+    return info.status
+
+
+def row(info: CheckpointInfo) -> dict[str, str]:
+    """The table's cells for one tag, keyed by :data:`COLUMNS`."""
+    meta = info.metadata
+    step = meta.get("step")
+    return {
+        "tag": info.tag,
+        "created": format_time(info.created),
+        "size": human_size(info.size),
+        "step": "" if step is None else str(step),
+        "metrics": format_metrics(meta.get("metrics")),
+        "note": one_line(meta.get("note")),
+        "status": status(info),
+        "latest": "*" if info.is_latest else "",
+    }
+
+
+def record(info: CheckpointInfo) -> dict[str, Any]:
+    """One tag as plain JSON for scripts (``torchckpt ls --json``); values unformatted."""
+    meta = info.metadata
+    return {
+        "tag": info.tag,
+        "path": str(info.path),
+        "status": status(info),
+        "committed": info.committed,
+        "in_flight": info.in_flight,
+        "latest": info.is_latest,
+        "created": info.created,
+        "created_iso": iso_time(info.created),
+        "size": info.size,
+        "files": len(info.manifest.files) if info.manifest else None,
+        "step": meta.get("step"),
+        "metrics": meta.get("metrics"),
+        "note": meta.get("note"),
+        "problem": info.problem,
+    }
+
+
+def width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: wide (CJK) characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def pad(text: str, columns: int) -> str:
+    """``text`` padded with spaces to ``columns`` terminal columns (``str.ljust`` counts characters)."""
+    return text + " " * max(0, columns - width(text))
+
+
+def render_table(rows: Iterable[Mapping[str, str]], columns: Sequence[str] = COLUMNS) -> str:
+    """Left-aligned plain-text columns under a header line (aligned by display width)."""
+    rows = list(rows)
+    shown = list(columns)
+    widths = {c: max([width(c), *(width(r.get(c, "")) for r in rows)]) for c in shown}
+    lines = ["  ".join(pad(c, widths[c]) for c in shown).rstrip()]
+    lines += ["  ".join(pad(r.get(c, ""), widths[c]) for c in shown).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``--keep-last N`` (shared by %ckpt and the CLI)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# -- tables ------------------------------------------------------------------------------------
+class Result:
+    """Shown as a table in notebooks (``_repr_html_``) and as text elsewhere; ``quiet`` results
+    show only their one-line repr."""
+
+    quiet: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # IPython's pretty printer takes the first of _repr_pretty_/__repr__ it finds walking
+        # the MRO: each result defines __repr__, so each needs _repr_pretty_ of its own.
+        cast(Any, cls)._repr_pretty_ = Result._repr_pretty_  # (mypy rejects assigning to a method)
+
+    def _repr_html_(self) -> str | None:
+        return None if self.quiet else self.to_html()
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:
+        p.text(repr(self) if self.quiet or cycle else self.to_text())
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_html(self) -> str:
+        raise NotImplementedError
+
+    def to_text(self) -> str:
+        raise NotImplementedError
+
+_STYLE = "border-collapse:collapse;font-size:90%"
+_CELL = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd"
+
+
+def size(nbytes: int | None) -> str:
+    return "?" if nbytes is None else human_size(nbytes)
+
+
+def when(timestamp: float | None) -> str:
+    return format_time(timestamp) if timestamp else ""
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> str:
+    head = "".join(f'<th style="{_CELL}">{html.escape(str(h))}</th>' for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td style="{_CELL}">{html.escape(str(c))}</td>' for c in row) + "</tr>" for row in rows
+    )
+    caption = f"<div><b>{html.escape(title)}</b></div>" if title else ""
+    return f'{caption}<table style="{_STYLE}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def html_lines(lines: Sequence[str]) -> str:
+    return "".join(f"<div>{html.escape(line)}</div>" for line in lines)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(width(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [title] if title else []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(pad(c, w) for c, w in zip(row, widths, strict=False)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- results ------------------------------------------------------------------------------------
+_Result = Result
+
+
+@dataclass
+class SavedObject:
+    """One object of a save: its name, kind, class, file and size (None while being written)."""
+
+    name: str
+    kind: str
+    type: str
+    file: str | None
+    size: int | None = None
+
+
+@dataclass
+class SaveResult(_Result):
+    """The outcome of :meth:`Checkpointer.save` or :meth:`Checkpointer.commit`.
+
+    ``status`` is ``committed``; ``committing`` (async, commit follows the writes);
+    ``writing`` (async, not to be committed); ``uncommitted`` (written, not committed);
+    or ``failed`` (``error`` says why).
+    """
+
+    tag: str
+    root: Path
+    objects: list[SavedObject]
+    status: str
+    async_save: bool = False
+    seconds: float = 0.0
+    step: int | None = None
+    note: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    replaced: bool = False
+    error: BaseException | None = None
+    #: What the save left out or changed, and why (objects skipped by a save with no names...).
+    notes: list[str] = field(default_factory=list)
+    #: The checkpoint's size as ``ls`` shows it: every file of the tag (objects, RNG states...).
+    checkpoint_size: int | None = None
+    #: The tag this save branched from (the namespace's last load or save; None for the first).
+    parent: str | None = None
+    #: name -> the tag whose identical file it shares (a hard link: no new bytes on disk).
+    linked: dict[str, str] = field(default_factory=dict)
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def committed(self) -> bool:
+        return self.status == "committed"
+
+    @property
+    def size(self) -> int | None:
+        sizes = [o.size for o in self.objects]
+        return None if any(s is None for s in sizes) else sum(s or 0 for s in sizes)
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objects]
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.names)
+        notes = f" ({len(self.notes)} note{'s' if len(self.notes) != 1 else ''}: see .notes)" if self.notes else ""
+        return f"<SaveResult {self.tag!r} {self.status}: {names}{notes}>"
+
+    def _headline(self) -> str:
+        what = {
+            "committed": "committed",
+            "committing": "saving in the background; commits when written",
+            "writing": "saving in the background; not committed (commit it with %ckpt commit)",
+            "uncommitted": "saved, not committed (commit it with %ckpt commit)",
+            "failed": f"FAILED: {self.error}",
+        }[self.status]
+        extra = [f"step {self.step}"] if self.step is not None else []
+        if self.checkpoint_size is not None:
+            extra.append(size(self.checkpoint_size))
+        elif self.size is not None:
+            extra.append(size(self.size))
+        if self.seconds:
+            extra.append(duration(self.seconds))
+        if self.replaced:
+            extra.append("replaced the previous checkpoint of that tag")
+        if self.parent is not None:
+            extra.append(f"from {self.parent}")
+        return f"{self.tag}: {what}" + (f" ({', '.join(extra)})" if extra else "")
+
+    def _rows(self) -> list[list[str]]:
+        return [[o.name, o.kind, o.type.rsplit(".", 1)[-1], size(o.size) if o.size is not None else "…"]
+                for o in self.objects]
+
+    def to_html(self) -> str:
+        return html_table(["object", "kind", "type", "size"], self._rows(), title=self._headline()) + (
+            html_lines([f"note: {n}" for n in self.notes]))
+
+    def to_text(self) -> str:
+        text = text_table(["object", "kind", "type", "size"], self._rows(), title=self._headline())
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
+
+
+@dataclass
+class LoadedObject:
+    """One restored object: ``action`` is ``restored`` (in place), ``assigned`` (the name was
+    bound to the saved value) or ``into`` (bound to ``target``)."""
+
+    name: str
+    kind: str
+    action: str
+    target: str
+
+
+@dataclass
+class LoadResult(_Result):
+    """The outcome of :meth:`Checkpointer.load`."""
+
+    tag: str
+    root: Path
+    objects: list[LoadedObject]
+    rng: bool
+    seconds: float
+    size: int
+    notes: list[str] = field(default_factory=list)
+    #: Why the RNG states were (not) restored, for the headline.
+    rng_reason: str = ""
+    #: The whole checkpoint's size (``size`` is what this load read of it).
+    checkpoint_size: int | None = None
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objects]
+
+    def __repr__(self) -> str:
+        return f"<LoadResult {self.tag!r}: {', '.join(self.names)}{' + rng' if self.rng else ''}>"
+
+    def _headline(self) -> str:
+        rng = "RNG states restored" if self.rng else "RNG states left as they were"
+        rng += f" ({self.rng_reason})" if self.rng_reason else ""
+        read = size(self.size)
+        if self.checkpoint_size is not None and self.checkpoint_size != self.size:
+            read = f"read {read} of {size(self.checkpoint_size)}"
+        return f"{self.tag}: loaded ({read}, {duration(self.seconds)}); {rng}"
+
+    def _rows(self) -> list[list[str]]:
+        how = {"restored": "restored in place", "assigned": "assigned", "into": "loaded into"}
+        return [[o.name, o.kind, how[o.action] + (f" {o.target}" if o.action == "into" else "")]
+                for o in self.objects]
+
+    def to_html(self) -> str:
+        return html_table(["object", "kind", "action"], self._rows(), title=self._headline()) + (
+            html_lines([f"note: {n}" for n in self.notes]))
+
+    def to_text(self) -> str:
+        text = text_table(["object", "kind", "action"], self._rows(), title=self._headline())
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies inside it (shorter, and stable)."""
+    try:
+        return path.relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def _objects_of(info: CheckpointInfo) -> dict[str, dict[str, Any]]:
+    objs = info.metadata.get("objects")
+    return objs if isinstance(objs, dict) else {}
+
+
+@dataclass
+class TagList(_Result):
+    """Every tag under the root (:meth:`Checkpointer.list`), oldest first."""
+
+    root: Path
+    infos: list[CheckpointInfo]
+    pending: list[str] = field(default_factory=list)
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def tags(self) -> list[str]:
+        return [i.tag for i in self.infos]
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __repr__(self) -> str:
+        return f"<TagList {len(self.infos)} tags in {str(self.root)!r}>"
+
+    _HEADERS = COLUMNS + ("objects",)
+
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for i in self.infos:
+            cells = row(i)
+            if i.tag in self.pending:
+                cells["status"] = "pending"
+            cells["objects"] = ", ".join(_objects_of(i))
+            rows.append([cells[c] for c in self._HEADERS])
+        return rows
+
+    def to_html(self) -> str:
+        if not self.infos:
+            return html_lines([f"no checkpoints in {_shown(self.root)}"])
+        return html_table(self._HEADERS, self._rows(), title=_shown(self.root))
+
+    def to_text(self) -> str:
+        if not self.infos:
+            return f"no checkpoints in {_shown(self.root)}"
+        return text_table(self._HEADERS, self._rows(), title=_shown(self.root))
+
+
+@dataclass
+class TagDetails(_Result):
+    """One tag in detail (:meth:`Checkpointer.info`): status, metadata, objects and files."""
+
+    info: CheckpointInfo
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"<TagDetails {self.info.tag!r} {self.info.status}>"
+
+    def _summary(self) -> list[str]:
+        i, md = self.info, self.info.metadata
+        latest = " (latest)" if i.is_latest else ""
+        lines = [f"{i.tag}: {status(i)}{latest}, {size(i.size)}, created {when(i.created)}"]
+        if i.problem:
+            lines.append(f"problem: {i.problem}")
+        for key in ("step", "note"):
+            if md.get(key) is not None:
+                lines.append(f"{key}: {md[key]}")
+        if "parent" in md:  # lineage.PARENT_KEY
+            lines.append(f"parent: {_parent_line(i)}")
+        if md.get("metrics"):
+            lines.append(f"metrics: {format_metrics(md['metrics'])}")
+        if i.manifest is not None and i.manifest.versions:
+            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(i.manifest.versions.items())))
+        return lines
+
+    def _rows(self) -> list[list[str]]:
+        owners = {o.get("file"): name for name, o in _objects_of(self.info).items() if isinstance(o, dict)}
+        kinds = {o.get("file"): o.get("kind", "") for o in _objects_of(self.info).values() if isinstance(o, dict)}
+        if self.info.manifest is None:
+            return []
+        return [[rec.path, owners.get(rec.path, "rng" if rec.path == RNG_FILE else ""),
+                 kinds.get(rec.path, ""), size(rec.size), rec.checksum.split(":")[-1][:12]]
+                for rec in self.info.manifest.files.values()]
+
+    _HEADERS = ("file", "object", "kind", "size", "checksum")
+
+    def to_html(self) -> str:
+        return html_lines(self._summary()) + html_table(self._HEADERS, self._rows())
+
+    def to_text(self) -> str:
+        return "\n".join(self._summary() + [text_table(self._HEADERS, self._rows())])
+
+
+def _parent_line(info: CheckpointInfo) -> str:
+    """``step-100``, ``step-100 (removed)``, ``none (the first save)``, or why it was refused."""
+    from .lineage import parent_of  # lineage renders through this module
+
+    parent, problem = parent_of(info.metadata)
+    if problem:
+        return problem
+    if parent is None:
+        return "none (the first save of its lineage)"
+    if not (info.path.parent / parent / MANIFEST_NAME).is_file():
+        return f"{parent} ({'removed' if not (info.path.parent / parent).exists() else 'not committed'})"
+    return parent
+
+
+@dataclass
+class VerifyResult(_Result):
+    """The outcome of :meth:`Checkpointer.verify`: every problem, by file."""
+
+    report: VerifyReport
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return f"<VerifyResult {self.report.tag!r} {'OK' if self.ok else 'FAILED'}>"
+
+    def _lines(self) -> list[str]:
+        r = self.report
+        if r.ok:
+            return [f"{r.tag}: OK, {r.files_checked} files match the manifest"]
+        return [f"{r.tag}: FAILED, {len(r.problems)} problem(s)"] + [f"  {p}" for p in r.problems]
+
+    def to_html(self) -> str:
+        return html_lines(self._lines())
+
+    def to_text(self) -> str:
+        return "\n".join(self._lines())
+
+
+@dataclass
+class RemoveResult(_Result):
+    """What :meth:`Checkpointer.remove` or :meth:`Checkpointer.gc` removed (or would remove)."""
+
+    removed: list[str]
+    kept: list[str] = field(default_factory=list)
+    leftovers: int = 0
+    dry_run: bool = False
+    quiet: bool = field(default=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return f"<RemoveResult {verb} {len(self.removed)}: {', '.join(self.removed)}>"
+
+    def _lines(self) -> list[str]:
+        verb = "would remove" if self.dry_run else "removed"
+        lines = [f"{verb}: {', '.join(self.removed) if self.removed else 'nothing'}"]
+        if self.leftovers:
+            lines.append(f"{verb} {self.leftovers} leftover temporary file(s)")
+        if self.kept:
+            lines.append(f"kept: {', '.join(self.kept)}")
+        return lines
+
+    def to_html(self) -> str:
+        return html_lines(self._lines())
+
+    def to_text(self) -> str:
+        return "\n".join(self._lines())
