@@ -611,3 +611,31 @@ def test_the_old_keyword_arguments_still_work_over_options(root):
     with pytest.raises(TypeError, match="options must be a CheckpointOptions"):
         Checkpointer(root, options=3)
     c.close()
+
+
+def test_every_result_has_to_dict_as_plain_json(ckpt, root):
+    """The presentation layer's one JSON form (what --json prints): every result's to_dict()
+    round-trips through json with the same numbers and words its tables show."""
+    import json
+
+    model = torch.nn.Linear(3, 2)
+    saved = ckpt.save("a", {"model": model, "step": 5}, step=5, note="first", metrics={"loss": 0.5})
+    ckpt.save("b", {"model": model, "step": 6})
+    loaded = ckpt.load("a", {"model": model, "step": 0})
+    dicts = {
+        "save": saved.to_dict(), "load": loaded.to_dict(), "list": ckpt.list().to_dict(),
+        "info": ckpt.info("a").to_dict(), "verify": ckpt.verify("a").to_dict(),
+        "remove": ckpt.remove("b", force=True).to_dict(),
+    }
+    assert json.loads(json.dumps(dicts)) == dicts  # nothing but JSON values
+    assert dicts["save"]["tag"] == "a" and dicts["save"]["status"] == "committed" and dicts["save"]["metrics"] == {"loss": 0.5}
+    assert [o["name"] for o in dicts["save"]["objects"]] == ["model", "step"]
+    assert dicts["save"]["root"] == str(root) and dicts["save"]["error"] is None
+    assert [o["name"] for o in dicts["load"]["objects"]] == ["model", "step"]
+    assert sorted(c["tag"] for c in dicts["list"]["checkpoints"]) == ["a", "b"]
+    info = dicts["info"]
+    assert info["tag"] == "a" and info["status"] == "committed" and info["note"] == "first" and info["step"] == 5
+    assert {f["path"] for f in info["files"]} >= {"objects/model.pt", "objects/step.pt"}
+    assert info["size"] == ckpt.info("a").info.size
+    assert dicts["verify"] == {"tag": "a", "ok": True, "files_checked": len(info["files"]), "problems": []}
+    assert dicts["remove"]["removed"] == ["b"]

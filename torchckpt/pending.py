@@ -249,6 +249,11 @@ class PendingSave(results.Result):
     def checkpoint_size(self) -> int | None:
         return self._current().checkpoint_size
 
+    def to_dict(self) -> dict[str, Any]:
+        """The save as plain JSON (see :meth:`torchckpt.results.Result.to_dict`), with its progress."""
+        return {**self._current().to_dict(), "status": self.status, "bytes_written": self.bytes_written,
+                "total_bytes": self.total_bytes}
+
     @property
     def parent(self) -> str | None:
         return self._current().parent

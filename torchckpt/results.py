@@ -199,6 +199,35 @@ class Result:
     def to_text(self) -> str:
         raise NotImplementedError
 
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON values (what ``--json`` prints): its fields, with paths as
+        strings, errors as ``"Type: message"`` and nested results as dicts."""
+        import dataclasses
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(cast(Any, self))
+                if f.name != "quiet"}
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: dataclasses as dicts, paths as strings, errors as text."""
+    import dataclasses
+
+    if isinstance(value, Result):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
 _STYLE = "border-collapse:collapse;font-size:90%"
 _CELL = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd"
 
@@ -426,6 +455,10 @@ class TagList(_Result):
     def tags(self) -> list[str]:
         return [i.tag for i in self.infos]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "pending": list(self.pending),
+                "checkpoints": [{**record(i), "objects": list(_objects_of(i))} for i in self.infos]}
+
     def __len__(self) -> int:
         return len(self.infos)
 
@@ -467,6 +500,14 @@ class TagDetails(_Result):
 
     def __repr__(self) -> str:
         return f"<TagDetails {self.info.tag!r} {self.info.status}>"
+
+    def to_dict(self) -> dict[str, Any]:
+        i = self.info
+        files = [] if i.manifest is None else [plain(rec) for rec in i.manifest.files.values()]
+        return {**record(i), "parent": _parent_line(i) if "parent" in i.metadata else None,
+                "objects": plain(_objects_of(i)), "metadata": plain(i.metadata), "files": files,
+                "versions": dict(i.manifest.versions) if i.manifest is not None else None,
+                "world_size": i.manifest.world_size if i.manifest is not None else None}
 
     def _summary(self) -> list[str]:
         i, md = self.info, self.info.metadata
@@ -530,6 +571,10 @@ class VerifyResult(_Result):
 
     def __bool__(self) -> bool:
         return self.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.report
+        return {"tag": r.tag, "ok": r.ok, "files_checked": r.files_checked, "problems": list(r.problems)}
 
     def __repr__(self) -> str:
         return f"<VerifyResult {self.report.tag!r} {'OK' if self.ok else 'FAILED'}>"
