@@ -639,3 +639,18 @@ def test_every_result_has_to_dict_as_plain_json(ckpt, root):
     assert info["size"] == ckpt.info("a").info.size
     assert dicts["verify"] == {"tag": "a", "ok": True, "files_checked": len(info["files"]), "problems": []}
     assert dicts["remove"]["removed"] == ["b"]
+
+
+def test_save_namespace_is_what_every_surface_saves_through(ckpt):
+    """%ckpt save and the panel's Save call one method: names checked (close names offered), or
+    discovery with what it left out in the notes, and the step inferred from the namespace."""
+    ns = {"model": torch.nn.Linear(2, 2), "global_step": 40, "cfg": {"act": lambda x: x}}
+    with pytest.raises(ObjectNotFoundError, match=r"no variable 'modle' in the notebook; did you mean 'model'\?"):
+        ckpt.save_namespace("t", ns, ["modle"])
+    assert not (ckpt.root / "t").exists()
+    r = ckpt.save_namespace("t", ns)
+    assert r.names == ["model", "global_step"] and r.step == 40
+    assert any("cfg" in n for n in r.notes), r.notes  # left out, and said so
+    assert ckpt.save_namespace("u", ns, ["model"], step=7).step == 7
+    with pytest.raises(NotCheckpointableError, match="nothing to save"):
+        ckpt.save_namespace("v", {"act": lambda x: x})

@@ -429,33 +429,14 @@ class CkptMagics(Magics, Configurable):
     # -- subcommands ----------------------------------------------------------------------------
     def _do_save(self, a: argparse.Namespace):
         from .notebook import parse_metrics
-        from .state import infer_step
 
-        namespace = self._namespace()
-        if a.names:
-            missing = [n for n in a.names if n not in namespace]
-            if missing:
-                import difflib
-
-                close = difflib.get_close_matches(missing[0], list(namespace), n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise UsageError(f"no variable {missing[0]!r} in the notebook{hint}")
-            objects = {n: namespace[n] for n in a.names}
-            left_out: dict[str, str] = {}
-        else:
-            objects, left_out = self.checkpointer.discover(namespace)
-            if not objects:
-                why = f" ({'; '.join(f'{n}: {w}' for n, w in left_out.items())})" if left_out else ""
-                raise UsageError("nothing to save: the notebook has no modules, optimizers, tensors or other "
-                                 f"checkpointable objects yet{why}")
         try:
             metrics = parse_metrics(a.metrics)
         except ValueError as e:
             raise UsageError(f"{e} (put variable names before --metric)") from e
-        step = a.step if a.step is not None else infer_step(namespace)
-        return self.checkpointer.save(
-            a.tag, objects, async_save=a.async_save, commit=a.commit, note=a.note, metrics=metrics,
-            step=step, progress=self._progress(a.progress), overwrite=a.overwrite, left_out=left_out,
+        return self.checkpointer.save_namespace(
+            a.tag, self._namespace(), a.names, step=a.step, async_save=a.async_save, commit=a.commit, note=a.note,
+            metrics=metrics, progress=self._progress(a.progress), overwrite=a.overwrite,
         )
 
     def _do_commit(self, a: argparse.Namespace):

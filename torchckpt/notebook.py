@@ -230,6 +230,44 @@ class Checkpointer:
         return tag
 
     # -- saving ------------------------------------------------------------------------------
+    def save_namespace(
+        self,
+        tag: str | None,
+        namespace: Mapping[str, Any],
+        names: Iterable[str] | None = None,
+        *,
+        step: int | None = None,
+        **options: Any,
+    ) -> SaveResult | PendingSave:
+        """Save from a namespace, as ``%ckpt save`` and the panel's Save do: the variables
+        ``names`` (each must exist), or with no names every checkpointable object
+        (:meth:`discover`: what it leaves out, and why, is in the result's notes). ``step`` is
+        inferred from the namespace (a ``step``/``global_step``... variable) when not given.
+        Every other keyword goes to :meth:`save`.
+
+        Raises:
+            ObjectNotFoundError: a name is not in the namespace (the message offers close names).
+            NotCheckpointableError: no name given and nothing checkpointable found.
+        """
+        left_out: dict[str, str] = {}
+        if names:
+            names = list(names)
+            missing = [n for n in names if n not in namespace]
+            if missing:
+                close = difflib.get_close_matches(missing[0], list(namespace), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ObjectNotFoundError(f"no variable {missing[0]!r} in the notebook{hint}")
+            objects = {n: namespace[n] for n in names}
+        else:
+            objects, left_out = self.discover(namespace)
+            if not objects:
+                why = f" ({'; '.join(f'{n}: {w}' for n, w in left_out.items())})" if left_out else ""
+                raise NotCheckpointableError("nothing to save: the notebook has no modules, optimizers, tensors or "
+                                             f"other checkpointable objects yet{why}")
+        if step is None:
+            step = state.infer_step(namespace)
+        return self.save(tag, objects, step=step, left_out=left_out, **options)
+
     def save(
         self,
         tag: str | None,

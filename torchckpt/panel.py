@@ -674,15 +674,15 @@ class CheckpointPanel:
 
     def _save(self, tag: str, names: list[str], note: str | None, metrics: dict[str, Any], *,
               overwrite: bool = False) -> None:
-        objects = {n: self.namespace[n] for n in names}
         commit = self.commit_toggle.value
         self._set_busy("save")
         try:
             # The snapshot runs here, on the kernel's thread, so it is consistent with the cell
             # that ran last; the writes and the commit continue in the background.
-            handle = self.checkpointer.save(tag, objects, async_save=True, commit=commit, note=note,
-                                            metrics=metrics or None, step=self._step(),
-                                            progress=self._progress(0.0, _SNAPSHOT_SHARE), overwrite=overwrite)
+            handle = self.checkpointer.save_namespace(tag, self.namespace, names, async_save=True, commit=commit,
+                                                      note=note, metrics=metrics or None,
+                                                      progress=self._progress(0.0, _SNAPSHOT_SHARE),
+                                                      overwrite=overwrite)
         except BaseException:
             self._set_idle()
             raise
