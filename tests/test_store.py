@@ -258,3 +258,27 @@ def test_list_while_files_appear_and_vanish(root, monkeypatch):
     infos = {i.tag: i for i in store.list()}
     assert infos["busy"].status == "writing" and infos["busy"].size > 0
     tx.abort()
+
+
+def test_lookup_falls_back_to_deepspeeds_own_latest_on_a_root_it_alone_wrote(tmp_path):
+    """What every surface means by `latest` on a root only DeepSpeed's own engine wrote: the tag its
+    `latest` file names, with a note; with any committed tag, the store's own resolution."""
+    import pytest
+
+    from torchckpt.errors import InvalidTagError
+
+    root = tmp_path / "ds"
+    (root / "global_step5").mkdir(parents=True)
+    torch.save({"module": {}}, root / "global_step5" / "mp_rank_00_model_states.pt")
+    (root / "latest").write_text("global_step5")
+    store = CheckpointStore(root)
+    assert store.deepspeed_latest() == "global_step5"
+    tag, note = store.lookup("latest")
+    assert tag == "global_step5" and "DeepSpeed's own engine" in note
+    assert store.lookup("global_step5") == ("global_step5", None)
+    with pytest.raises(InvalidTagError, match="is empty"):
+        store.lookup("  ")
+    with store.transaction("mine") as tx:
+        tx.write("a.pt", {"x": 1})
+        tx.commit(save_latest=False)
+    assert store.lookup(None) == ("latest", None)  # a committed tag exists: the store resolves latest itself

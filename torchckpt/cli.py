@@ -77,14 +77,10 @@ def _tag(store, tag: str | None) -> str:
     own ``latest`` file names (its engine writes no manifest)."""
     if tag is not None and not tag.strip():
         raise InvalidTagError(f"tag {tag!r} is empty; give a tag (torchckpt ls {store.root} lists them) or 'latest'")
-    if tag in (None, "latest") and not store.tags(committed_only=True):
-        from .deepspeed.adopt import deepspeed_latest
-
-        named = deepspeed_latest(store)
-        if named is not None:
-            sys.stderr.write(f"torchckpt: note: `latest` is {named}, written by DeepSpeed's own engine (no manifest)\n")
-            return named
-    return tag or "latest"
+    resolved, note = store.lookup(tag)
+    if note is not None:
+        sys.stderr.write(f"torchckpt: note: {note}\n")
+    return resolved
 
 
 def _print_json(doc: Any) -> None:

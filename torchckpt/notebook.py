@@ -757,9 +757,10 @@ class Checkpointer:
         return self.store.tags()
 
     def info(self, tag: str) -> TagDetails:
-        """One tag's status, metadata, objects and files (``"latest"`` allowed)."""
+        """One tag's status, metadata, objects and files (``"latest"`` allowed: on a root only
+        DeepSpeed's own engine wrote, the tag its ``latest`` file names)."""
         self._check_open()
-        return TagDetails(self.store.info(tag))
+        return TagDetails(self.store.info(self.store.lookup(tag)[0]))
 
     def verify(self, tag: str) -> VerifyResult:
         """Re-check every file of a tag against its manifest."""

@@ -40,6 +40,7 @@ from .errors import (
     FileNotInCheckpointError,
     IncompleteCheckpointError,
     InvalidArgumentError,
+    InvalidTagError,
     ManifestError,
     StoreLockedError,
     TagNotFoundError,
@@ -340,6 +341,30 @@ class CheckpointStore:
             )
             raise TagNotFoundError(f"no checkpoint {tag!r} in {self.root}{hint}")
         return tag
+
+    def deepspeed_latest(self) -> str | None:
+        """The tag DeepSpeed's own ``latest`` file names, if DeepSpeed's own engine wrote that tag.
+
+        :meth:`latest` resolves to committed tags only; on a root that only DeepSpeed's own engine
+        wrote there is none, and this is what ``latest`` means to its user.
+        """
+        try:
+            tag = validate_tag((self.root / LATEST_NAME).read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return tag if origin(self.root / tag) == "deepspeed" else None
+
+    def lookup(self, tag: str | None = LATEST_NAME) -> tuple[str, str | None]:
+        """The tag a user means when showing or checking one (``info``, ``verify``): ``tag``, or for
+        ``latest``/None on a root with no committed tag, the one DeepSpeed's own ``latest`` names,
+        with a note saying so (None otherwise). An empty tag is refused."""
+        if tag is not None and not tag.strip():
+            raise InvalidTagError(f"tag {tag!r} is empty; give a tag or 'latest'")
+        if tag in (None, LATEST_NAME) and not self.tags(committed_only=True):
+            named = self.deepspeed_latest()
+            if named is not None:
+                return named, f"`latest` is {named}, written by DeepSpeed's own engine (no manifest)"
+        return tag or LATEST_NAME, None
 
     def resolve(self, tag: str | None = LATEST_NAME, *, allow_incomplete: bool = False) -> str:
         """The tag to load: ``latest``/None resolved, existence checked, completeness enforced."""

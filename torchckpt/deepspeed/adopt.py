@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._fileio import checksum_file
 from ..errors import AdoptError, CheckpointInUseError, TorchckptError
-from ..layout import LATEST_NAME, origin
+from ..layout import origin
 from ..manifest import (
     FileRecord,
     Manifest,
     current_versions,
     read_manifest,
-    validate_tag,
     write_manifest,
 )
 
@@ -46,11 +45,7 @@ def deepspeed_latest(store: CheckpointStore) -> str | None:
     The store resolves ``latest`` to committed tags only; on a root that only DeepSpeed's own
     engine wrote there is none, and this is what ``latest`` means to its user.
     """
-    try:
-        tag = validate_tag((store.root / LATEST_NAME).read_text(encoding="utf-8").strip())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return tag if origin(store.root / tag) == "deepspeed" else None
+    return store.deepspeed_latest()
 
 
 def adopt(
