@@ -29,6 +29,8 @@ from .errors import IncompleteCheckpointError, TagNotFoundError
 from .manifest import validate_tag
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .store import CheckpointInfo, CheckpointStore
 
 #: The metadata key of a save's parent tag (a tag string, or None for the first save).
@@ -320,7 +322,7 @@ def build_log(store: CheckpointStore, tag: str | None = None, *, now: float | No
     """
     infos = store.list()
     if tag is None:
-        return log_from_infos(store, infos, now=now)
+        return log_from_infos(store.root, infos, now=now)
     nodes = nodes_from(infos)
     focus = None
     if tag is not None:
@@ -344,12 +346,12 @@ def build_log(store: CheckpointStore, tag: str | None = None, *, now: float | No
                       now=time.time() if now is None else now)
 
 
-def log_from_infos(store: CheckpointStore, infos: Iterable[CheckpointInfo], *, now: float | None = None) -> LineageLog:
+def log_from_infos(root: Path, infos: Iterable[CheckpointInfo], *, now: float | None = None) -> LineageLog:
     """The whole tree from infos already listed (the panel lists the root once per refresh)."""
     nodes = nodes_from(infos)
     order = _display_order(nodes)
     now = time.time() if now is None else now
-    return LineageLog(str(_shown(store.root)), nodes, order, draw(nodes, order), now=now)
+    return LineageLog(str(_shown(root)), nodes, order, draw(nodes, order), now=now)
 
 
 def _ancestors(nodes: dict[str, Node], tag: str) -> list[str]:

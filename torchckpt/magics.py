@@ -563,11 +563,10 @@ class CkptMagics(Magics, Configurable):
                 out += self.checkpointer.tags() + (["latest"] if sub in ("load", "diff", "info", "verify", "log")
                                                    else [])
             if sub == "plot":
-                out += list(dict.fromkeys(k for i in self.checkpointer.store.list() for k in
+                out += list(dict.fromkeys(k for i in self.checkpointer.list().infos for k in
                                           (i.metadata.get("metrics") or {}) if isinstance(k, str)))
             if sub == "load" and positionals:
-                info = self.checkpointer.store.info(positionals[0])
-                out += list(info.metadata.get("objects") or {})
+                out += list(self.checkpointer.info(positionals[0]).info.metadata.get("objects") or {})
             if sub == "save" and positionals:
                 out += list(self.checkpointer.checkpointable(self._namespace()))
         return [o for o in out if o.startswith(current)]

@@ -383,8 +383,9 @@ class CheckpointPanel:
         with self._lock:
             if self._closed:
                 return
-            infos = self.checkpointer.store.list()
-            self._pending = set(self.checkpointer.pending())
+            listed = self.checkpointer.list()
+            infos = listed.infos
+            self._pending = set(listed.pending)
             self._infos = {i.tag: i for i in infos}
             ordered = sorted(infos, key=_SORTS[self.sort.value])
             for tag in [t for t in self._rows if t not in self._infos]:
@@ -418,7 +419,7 @@ class CheckpointPanel:
 
         with self._lock:
             infos = list(self._infos.values())
-        log = log_from_infos(self.checkpointer.store, infos)
+        log = log_from_infos(self.checkpointer.root, infos)
         try:
             every = metric_plot(log)
         except MetricNotFoundError:
@@ -707,7 +708,7 @@ class CheckpointPanel:
             handle.wait()  # the writes; a failure is shown now (Commit would raise it again)
             return
         result = self.checkpointer.commit(handle.tag)  # waits on the handle; reports the outcome once
-        size = results.human_size(self.checkpointer.store.info(handle.tag).size)
+        size = results.human_size(result.checkpoint_size if result.checkpoint_size is not None else 0)
         self._say(f"saved {handle.tag!r}: committed {', '.join(result.names)} ({size}, {result.seconds:.2f} s)")
 
     @_handler("load")
