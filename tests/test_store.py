@@ -282,3 +282,19 @@ def test_lookup_falls_back_to_deepspeeds_own_latest_on_a_root_it_alone_wrote(tmp
         tx.write("a.pt", {"x": 1})
         tx.commit(save_latest=False)
     assert store.lookup(None) == ("latest", None)  # a committed tag exists: the store resolves latest itself
+
+
+def test_verify_all_reports_every_tag_and_never_raises_for_one(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpts")
+    for tag in ("a", "b"):
+        with store.transaction(tag) as tx:
+            tx.write("m.pt", {"x": torch.ones(3)})
+            tx.commit()
+    (store.root / "b" / "m.pt").write_bytes(b"damaged")
+    (store.root / "ds").mkdir()
+    torch.save({"module": {}}, store.root / "ds" / "mp_rank_00_model_states.pt")
+    reports = {r.tag: r for r in store.verify_all()}
+    assert reports["a"].ok and reports["a"].files_checked == 1 and reports["a"].skipped is None
+    assert not reports["b"].ok and "m.pt" in reports["b"].problems[0]
+    assert "adopt it first: torchckpt adopt" in reports["ds"].problems[0]
+    assert [r.tag for r in store.verify_all(["a"])] == ["a"]

@@ -240,22 +240,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args.root)
     if args.all and args.tag:
         raise CliError("give a TAG or --all, not both")
-    outcomes = []
-    targets = store.list() if args.all else [store.info(_tag(store, args.tag))]
-    for info in targets:
-        status = results.status(info)
-        if info.in_flight:
-            outcomes.append({"tag": info.tag, "status": "skipped", "files_checked": 0, "problems": [],
-                            "reason": "being written now; verify it after its commit"})  # fmt: skip
-            continue
-        if status == "deepspeed":
-            problem = (f"no manifest: written by DeepSpeed's own engine, so there are no checksums to verify against; "
-                       f"adopt it first: torchckpt adopt {args.root} {info.tag}")  # fmt: skip
-            outcomes.append({"tag": info.tag, "status": "problem", "files_checked": 0, "problems": [problem]})
-            continue
-        report = store.verify(info.tag)
-        outcomes.append({"tag": info.tag, "status": "ok" if report.ok else "problem",
-                        "files_checked": report.files_checked, "problems": list(report.problems)})  # fmt: skip
+    reports = store.verify_all(None if args.all else [_tag(store, args.tag)])
+    outcomes = [{"tag": r.tag, "status": "skipped" if r.skipped else "ok" if r.ok else "problem",
+                 "files_checked": r.files_checked, "problems": list(r.problems),
+                 **({"reason": r.skipped} if r.skipped else {})} for r in reports]
     bad = [r for r in outcomes if r["status"] == "problem"]
     if args.json:
         _print_json({"ok": not bad, "checkpoints": outcomes})

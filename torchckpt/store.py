@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -122,6 +122,8 @@ class VerifyReport:
     tag: str
     files_checked: int
     problems: list[str] = field(default_factory=list)
+    #: Why the tag was not checked (being written now), or None.
+    skipped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -386,6 +388,24 @@ class CheckpointStore:
         manifest = self._resolved(tag, allow_incomplete=False)[1]
         assert manifest is not None  # _resolved checked
         return manifest
+
+    def verify_all(self, tags: Iterable[str] | None = None) -> builtins.list[VerifyReport]:
+        """:meth:`verify` for each of ``tags`` (default: every tag under the root), never raising
+        for one tag: a tag being written is skipped (``skipped`` says why), one DeepSpeed's own engine
+        wrote has no checksums to verify against (a problem naming ``torchckpt adopt``), an
+        incomplete or unreadable one is a problem."""
+        infos = self.list() if tags is None else [self.info(t) for t in tags]
+        reports = []
+        for info in infos:
+            if info.in_flight:
+                reports.append(VerifyReport(info.tag, 0, skipped="being written now; verify it after its commit"))
+            elif not info.committed and not info.problem and origin(info.path) == "deepspeed":
+                reports.append(VerifyReport(info.tag, 0, [
+                    "no manifest: written by DeepSpeed's own engine, so there are no checksums to verify "
+                    f"against; adopt it first: torchckpt adopt {self.root} {info.tag}"]))
+            else:
+                reports.append(self.verify(info.tag))
+        return reports
 
     def verify(self, tag: str) -> VerifyReport:
         """Recompute every checksum of a committed tag; report each missing or mismatching file."""
