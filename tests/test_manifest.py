@@ -101,3 +101,24 @@ def test_broken_manifests(tmp_path, text, message):
     (d / MANIFEST_NAME).write_text(text)
     with pytest.raises(ManifestError, match=message):
         read_manifest(d)
+
+
+def test_checkpoint_meta_reads_every_field_torchckpt_writes_and_tolerates_bad_ones():
+    from torchckpt.manifest import CheckpointMeta, SavedObjectMeta
+
+    good = CheckpointMeta.parse({
+        "format": "torchckpt-notebook/1", "step": 7, "metrics": {"loss": 0.5}, "note": "n", "rng": "rng.pt",
+        "parent": "step-6", "objects": {"model": {"kind": "module", "type": "torch.nn.Linear", "file": "objects/model.pt"}},
+        "adopted": {"origin": "deepspeed"},
+    })
+    assert (good.step, good.metrics, good.note, good.rng, good.parent) == (7, {"loss": 0.5}, "n", "rng.pt", "step-6")
+    assert good.objects == {"model": SavedObjectMeta("module", "objects/model.pt", "torch.nn.Linear")}
+    assert good.extra == {"adopted": {"origin": "deepspeed"}} and good.problems == ()
+    # A hand-edited or foreign manifest: each bad field reads as absent, and says why.
+    bad = CheckpointMeta.parse({"step": "7", "metrics": [1], "note": 3, "rng": None, "parent": "../x",
+                                "objects": {"a": {"kind": 1}, "b": {"kind": "value", "file": None}}})
+    assert (bad.step, bad.metrics, bad.note, bad.parent) == (None, {}, None, None)
+    assert bad.objects == {"b": SavedObjectMeta("value", None, "")}
+    assert len(bad.problems) == 5 and any("step is str" in p for p in bad.problems)
+    assert CheckpointMeta.parse({}) == CheckpointMeta() and CheckpointMeta.parse(None) == CheckpointMeta()
+    assert CheckpointMeta.parse([1]).problems

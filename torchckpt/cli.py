@@ -366,7 +366,9 @@ def cmd_adopt(args: argparse.Namespace) -> int:
             _echo(f"nothing to adopt in {store.root}: every checkpoint has a manifest")
     for tag in tags:
         manifest = adopt(store, tag, allow=args.allow, trusted=args.trusted, note=args.note)
-        step = manifest.metadata.get("step")
+        from .manifest import CheckpointMeta
+
+        step = CheckpointMeta.parse(manifest.metadata).step
         _echo(f"adopted {tag}: {_plural(len(manifest.files), 'file')} loaded and checksummed, manifest written"
               + (f" (step {step})" if step is not None else ""))  # fmt: skip
     return EXIT_OK

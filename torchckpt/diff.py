@@ -150,11 +150,11 @@ def diff_tags(store: CheckpointStore, a: str, b: str, *, map_location: Any = "cp
 
 def _units(info: CheckpointInfo) -> dict[str, str]:
     """What is compared: notebook objects (name -> file), else the tag's files (path -> path)."""
-    objects = info.metadata.get("objects")
-    if isinstance(objects, dict) and objects:
-        units = {n: o["file"] for n, o in objects.items() if isinstance(o, dict) and o.get("file")}
+    meta = info.meta
+    if meta.objects:
+        units = {n: o.file for n, o in meta.objects.items() if o.file}
         if info.manifest is not None:  # a DeepSpeed engine's files are compared file by file
-            owned = set(units.values()) | {info.metadata.get("rng")}
+            owned = set(units.values()) | {meta.rng}
             units.update({p: p for p in info.manifest.files if p not in owned})
         return units
     return {p: p for p in info.manifest.files} if info.manifest is not None else {}

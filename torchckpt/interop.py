@@ -26,6 +26,7 @@ from .errors import ExportError
 from .file_structure import inspect_file
 from .layout import object_file, tmp_name
 from .manifest import (
+    CheckpointMeta,
     Manifest,
     read_manifest,
     validate_tag,
@@ -79,9 +80,8 @@ def find_weights(store: CheckpointStore, tag: str, key: str = "model") -> tuple[
     """
     files = _files_of(store, tag)
     manifest = read_manifest(store.root / tag)
-    listed = manifest.metadata.get("objects") if manifest is not None else None
-    objects = ({n: o["file"] for n, o in listed.items() if isinstance(o, dict) and o.get("file") in files}
-               if isinstance(listed, dict) else {})
+    listed = CheckpointMeta.parse(manifest.metadata).objects if manifest is not None else {}
+    objects = {n: o.file for n, o in listed.items() if o.file in files}
     if key in objects:  # a notebook save: objects/<key>.pt
         return objects[key], []
     by_name = [f for f in files if f == key or (Path(f).stem == key and Path(f).suffix in _WEIGHT_SUFFIXES)]
@@ -226,8 +226,9 @@ def export_safetensors(
     source = f"{rel}:{'.'.join(inner)}" if inner else rel
     metadata = {"format": "pt", "torchckpt.tag": tag, "torchckpt.source": source}
     manifest = read_manifest(store.root / tag)
-    if manifest is not None and manifest.metadata.get("step") is not None:
-        metadata["torchckpt.step"] = str(manifest.metadata["step"])
+    step = CheckpointMeta.parse(manifest.metadata).step if manifest is not None else None
+    if step is not None:
+        metadata["torchckpt.step"] = str(step)
     _save_safetensors_atomic(tensors, out, metadata)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     logger.info("exported %d tensors from %s/%s to %s", len(tensors), tag, source, out)

@@ -564,9 +564,9 @@ class CkptMagics(Magics, Configurable):
                                                    else [])
             if sub == "plot":
                 out += list(dict.fromkeys(k for i in self.checkpointer.list().infos for k in
-                                          (i.metadata.get("metrics") or {}) if isinstance(k, str)))
+                                          i.meta.metrics))
             if sub == "load" and positionals:
-                out += list(self.checkpointer.info(positionals[0]).info.metadata.get("objects") or {})
+                out += list(self.checkpointer.info(positionals[0]).info.meta.objects)
             if sub == "save" and positionals:
                 out += list(self.checkpointer.checkpointable(self._namespace()))
         return [o for o in out if o.startswith(current)]

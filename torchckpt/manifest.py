@@ -11,6 +11,7 @@ import json
 import math
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -93,6 +94,76 @@ def _reject(obj: object) -> Any:
         if isinstance(value, (int, float, bool)) and not (isinstance(value, float) and not math.isfinite(value)):
             return value
     raise TypeError(f"{type(obj).__name__} value {obj!r} is not JSON")
+
+
+# -- the metadata torchckpt itself writes, parsed in one place ------------------------------------
+@dataclass(frozen=True)
+class SavedObjectMeta:
+    """One notebook object as a manifest records it: ``{"kind", "type", "file"}``."""
+
+    kind: str
+    file: str | None = None
+    type: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The fields of a manifest's metadata that torchckpt writes and reads, typed and checked.
+
+    A manifest is untrusted input: a field of the wrong type reads as absent (its default) and
+    ``problems`` says which and why, so no reader trips over a hand-edited or foreign manifest and
+    every reader sees the same values. Fields: ``step`` (a whole number), ``metrics`` (name ->
+    JSON value), ``note``, ``objects`` (the notebook's saved objects), ``rng`` (the notebook's RNG
+    file), ``parent`` (the tag a notebook save branched from), ``format``; ``extra`` keeps every
+    other key (DeepSpeed's ``adopted``, a user's own).
+    """
+
+    step: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+    objects: dict[str, SavedObjectMeta] = field(default_factory=dict)
+    rng: str | None = None
+    parent: str | None = None
+    format: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    KNOWN = ("step", "metrics", "note", "objects", "rng", "parent", "format")
+
+    @classmethod
+    def parse(cls, metadata: Any) -> CheckpointMeta:
+        if not isinstance(metadata, dict):
+            return cls(problems=(f"metadata is a {type(metadata).__name__}, not an object",) if metadata else ())
+        problems: list[str] = []
+
+        def take(key: str, ok: Callable[[Any], bool], want: str) -> Any:
+            value = metadata.get(key)
+            if value is None or ok(value):
+                return value
+            problems.append(f"{key} is {type(value).__name__} {str(value)[:40]!r}, not {want}")
+            return None
+
+        step = take("step", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+        metrics = take("metrics", lambda v: isinstance(v, dict), "an object of name: value")
+        note = take("note", lambda v: isinstance(v, str), "text")
+        rng = take("rng", lambda v: isinstance(v, str), "a file name")
+        fmt = take("format", lambda v: isinstance(v, str), "text")
+        parent = take("parent", lambda v: isinstance(v, str), "a tag")
+        if parent is not None:
+            try:
+                parent = validate_tag(parent)
+            except InvalidTagError as e:
+                problems.append(f"parent {parent[:40]!r} is not a tag ({e})")
+                parent = None
+        objects: dict[str, SavedObjectMeta] = {}
+        for name, entry in (take("objects", lambda v: isinstance(v, dict), "an object") or {}).items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str)
+                    and isinstance(entry.get("file"), (str, type(None)))):
+                problems.append(f"objects[{str(name)[:40]!r}] is not {{kind, type, file}}")
+                continue
+            objects[str(name)] = SavedObjectMeta(entry["kind"], entry.get("file"), str(entry.get("type") or ""))
+        extra = {k: v for k, v in metadata.items() if k not in cls.KNOWN}
+        return cls(step, dict(metrics or {}), note, objects, rng, parent, fmt, extra, tuple(problems))
 
 
 @dataclass(frozen=True)

@@ -693,7 +693,8 @@ class Checkpointer:
                     f"checkpoint {tag!r} has no object {name!r}; {hint}it has: {', '.join(saved)}"
                 )
         # Tags made by `torchckpt import` (or other tools) carry no RNG states: nothing to restore.
-        has_rng = bool(info.metadata.get("rng"))
+        rng_file = info.meta.rng  # None: tags made by `torchckpt import` (or other tools)
+        has_rng = rng_file is not None
         restore_rng = has_rng and into is None and rng is not False
         if into is not None:
             rng_reason = "loading into a new variable never changes them"
@@ -706,7 +707,7 @@ class Checkpointer:
         sizes: dict[Any, int] = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
         files = [saved[n].get("file") for n in wanted if saved[n].get("file")]
         if restore_rng:
-            files.append(info.metadata.get("rng", RNG_FILE))
+            files.append(rng_file)
         total = sum(sizes.get(f, 0) for f in files)
         bar = _Progress(progress, total, f"load {tag}", self.progress_min_bytes)
         entries: dict[str, tuple[str, Any]] = {}
@@ -725,7 +726,7 @@ class Checkpointer:
                 entries[name] = (kind, payload)
             rng_state = None
             if restore_rng:
-                rng_file = info.metadata.get("rng", RNG_FILE)
+                assert rng_file is not None
                 rng_state = self.store.load(tag, rng_file, map_location="cpu", verify=verify)
                 bar.advance(sizes.get(rng_file, 0))
         finally:
@@ -821,9 +822,9 @@ class Checkpointer:
         sizes: dict[Any, int] = {rec.path: rec.size for rec in info.manifest.files.values()} if info.manifest else {}
         saved = [SavedObject(n, str(o.get("kind")), str(o.get("type")), o.get("file"), sizes.get(o.get("file")))
                  for n, o in objs.items() if isinstance(o, dict)]
-        md = info.metadata
-        return SaveResult(info.tag, self.root, saved, info.status, step=md.get("step"), note=md.get("note"),
-                          metrics=md.get("metrics") or {}, quiet=quiet, checkpoint_size=info.size)
+        meta = info.meta
+        return SaveResult(info.tag, self.root, saved, info.status, step=meta.step, note=meta.note,
+                          metrics=meta.metrics, quiet=quiet, checkpoint_size=info.size)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:

@@ -59,7 +59,7 @@ _SORTS: dict[str, Callable[[CheckpointInfo], Any]] = {
     "oldest first": lambda i: (i.created, i.tag),
     "tag": lambda i: i.tag,
     "largest first": lambda i: (-i.size, i.tag),
-    "step": lambda i: (i.metadata.get("step") is None, i.metadata.get("step") or 0, i.created),
+    "step": lambda i: (i.meta.step is None, i.meta.step or 0, i.created),
 }
 
 # (column, header, width)
@@ -454,7 +454,7 @@ class CheckpointPanel:
                             quote=True)
         cells = {name: html.escape(row[name]) for name, _, _ in _COLUMNS}
         cells["tag"] = f"<code>{cells['tag']}</code>" + (_LATEST_BADGE if info.is_latest else "")
-        title = html.escape(str(info.metadata.get("note") or ""), quote=True)
+        title = html.escape(info.meta.note or "", quote=True)
         cells["note"] = f'<span title="{title}">{cells["note"]}</span>'
         cells["status"] = f'<span style="color:{colour}" title="{title}">{html.escape(status)}</span>'
         return cells
@@ -740,8 +740,8 @@ class CheckpointPanel:
     def _load_names(self, tag: str) -> list[str] | None:
         """Everything saved in ``tag`` except the objects unticked in the objects list (None: all)."""
         info = self._infos.get(tag)
-        saved = info.metadata.get("objects") if info is not None else None
-        if not isinstance(saved, dict) or not self._deselected_objects:
+        saved = info.meta.objects if info is not None else {}
+        if not saved or not self._deselected_objects:
             return None
         names = [n for n in saved if n not in self._deselected_objects]
         if not names:

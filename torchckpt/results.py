@@ -100,15 +100,14 @@ def status(info: CheckpointInfo) -> str:
 
 def row(info: CheckpointInfo) -> dict[str, str]:
     """The table's cells for one tag, keyed by :data:`COLUMNS`."""
-    meta = info.metadata
-    step = meta.get("step")
+    meta = info.meta
     return {
         "tag": info.tag,
         "created": format_time(info.created),
         "size": human_size(info.size),
-        "step": "" if step is None else str(step),
-        "metrics": format_metrics(meta.get("metrics")),
-        "note": one_line(meta.get("note")),
+        "step": "" if meta.step is None else str(meta.step),
+        "metrics": format_metrics(meta.metrics),
+        "note": one_line(meta.note),
         "status": status(info),
         "latest": "*" if info.is_latest else "",
     }
@@ -116,7 +115,7 @@ def row(info: CheckpointInfo) -> dict[str, str]:
 
 def record(info: CheckpointInfo) -> dict[str, Any]:
     """One tag as plain JSON for scripts (``torchckpt ls --json``); values unformatted."""
-    meta = info.metadata
+    meta = info.meta
     return {
         "tag": info.tag,
         "path": str(info.path),
@@ -128,9 +127,9 @@ def record(info: CheckpointInfo) -> dict[str, Any]:
         "created_iso": iso_time(info.created),
         "size": info.size,
         "files": len(info.manifest.files) if info.manifest else None,
-        "step": meta.get("step"),
-        "metrics": meta.get("metrics"),
-        "note": meta.get("note"),
+        "step": meta.step,
+        "metrics": meta.metrics or None,
+        "note": meta.note,
         "problem": info.problem,
     }
 
@@ -438,8 +437,8 @@ def _shown(path: Path) -> str:
 
 
 def _objects_of(info: CheckpointInfo) -> dict[str, dict[str, Any]]:
-    objs = info.metadata.get("objects")
-    return objs if isinstance(objs, dict) else {}
+    """The notebook objects of a tag, as the manifest records them (checked by ``CheckpointMeta``)."""
+    return {n: {"kind": o.kind, "type": o.type, "file": o.file} for n, o in info.meta.objects.items()}
 
 
 @dataclass
@@ -510,14 +509,14 @@ class TagDetails(_Result):
                 "world_size": i.manifest.world_size if i.manifest is not None else None}
 
     def _summary(self) -> list[str]:
-        i, md = self.info, self.info.metadata
+        i, md, meta = self.info, self.info.metadata, self.info.meta
         latest = " (latest)" if i.is_latest else ""
         lines = [f"{i.tag}: {status(i)}{latest}, {size(i.size)}, created {when(i.created)}"]
         if i.problem:
             lines.append(f"problem: {i.problem}")
-        for key in ("step", "note"):
-            if md.get(key) is not None:
-                lines.append(f"{key}: {md[key]}")
+        for key, value in (("step", meta.step), ("note", meta.note)):
+            if value is not None:
+                lines.append(f"{key}: {value}")
         if "parent" in md:  # lineage.PARENT_KEY
             lines.append(f"parent: {_parent_line(i)}")
         if md.get("metrics"):

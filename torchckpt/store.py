@@ -61,6 +61,7 @@ from .layout import (
     started_by_torchckpt,
 )
 from .manifest import (
+    CheckpointMeta,
     FileRecord,
     Manifest,
     check_metadata,
@@ -113,6 +114,11 @@ class CheckpointInfo:
     @property
     def metadata(self) -> dict[str, Any]:
         return self.manifest.metadata if self.manifest else {}
+
+    @property
+    def meta(self) -> CheckpointMeta:
+        """The metadata torchckpt writes, typed and checked (:class:`~torchckpt.manifest.CheckpointMeta`)."""
+        return CheckpointMeta.parse(self.metadata)
 
 
 @dataclass(frozen=True)
