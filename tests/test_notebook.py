@@ -456,7 +456,7 @@ def test_list_info_verify_remove_gc_render(ckpt, root):
     assert "loss=0.125" in text and "first" in text and "pending" in text
     assert "<table" in listing._repr_html_() and repr(listing).startswith("<TagList 3 tags")
     info = ckpt.info("a")
-    assert "objects/x.pt" in info.to_text() and "note: first" in info.to_text() and "<table" in info.to_html()
+    assert "objects/x.pt" in info.to_text() and "note:       first" in info.to_text() and "<table" in info.to_html()
     assert repr(ckpt.verify("a")) == "<VerifyResult 'a' OK>"
     with pytest.raises(CheckpointInUseError, match="is 'latest'"):
         ckpt.remove("b")

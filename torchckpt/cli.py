@@ -121,117 +121,21 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 # -- info ----------------------------------------------------------------------------------------
-def _tag_facts(store, info) -> dict[str, Any]:
-    from .store import scan_files
-
-    manifest = info.manifest
-    status = results.status(info)
-    facts: dict[str, Any] = results.record(info)
-    facts["status_meaning"] = results.STATUS_MEANINGS.get(status, "")
-    if manifest is not None:
-        facts["world_size"] = manifest.world_size
-        facts["versions"] = manifest.versions
-        facts["metadata"] = manifest.metadata
-        facts["file_list"] = [
-            {"path": f.path, "size": f.size, "checksum": f.checksum, "rank": f.rank} for f in manifest.files.values()
-        ]
-    else:
-        facts["file_list"] = [
-            {"path": rel, "size": (info.path / rel).stat().st_size, "checksum": None, "rank": None}
-            for rel in scan_files(info.path)
-        ]
-    return facts
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from .file_structure import inspect_file
-
     store = _store(args.root)
-    info = store.info(_tag(store, args.tag))
-    facts = _tag_facts(store, info)
-    wanted = facts["file_list"]
+    details = results.TagDetails(store.info(_tag(store, args.tag)), more_hint="--all-values or --json lists them")
+    files = [f["path"] for f in details.files()]
     if args.file:
-        wanted = [f for f in wanted if f["path"] == args.file]
-        if not wanted:
-            names = ", ".join(f["path"] for f in facts["file_list"])
-            raise CliError(f"checkpoint {info.tag!r} has no file {args.file!r}; it has: {names}")
-    structures = {} if args.files_only else {f["path"]: inspect_file(info.path / f["path"]) for f in wanted}
-    failed = [s for s in structures.values() if s.error] + ([info.problem] if info.problem else [])
+        if args.file not in files:
+            raise CliError(f"checkpoint {details.info.tag!r} has no file {args.file!r}; it has: {', '.join(files)}")
+        files = [args.file]
+    if not args.files_only:
+        details = details.with_structures(files, all_values=args.all_values)
     if args.json:
-        facts["structure"] = {rel: s.to_dict() for rel, s in structures.items()}
-        _print_json(facts)
-        return EXIT_PROBLEM if failed else EXIT_OK
-
-    status = facts["status"] + (", latest" if info.is_latest else "")
-    lines = [
-        f"tag:        {info.tag}",
-        f"path:       {info.path}",
-        f"status:     {status} - {facts['status_meaning']}",
-        f"created:    {results.format_time(info.created)} ({results.iso_time(info.created)})",
-        f"size:       {results.human_size(info.size)} in {_plural(len(facts['file_list']), 'file')}",
-    ]
-    if info.problem:
-        lines.append(f"problem:    {info.problem}")
-    if facts["status"] == "deepspeed":
-        lines.append(f"adopt:      torchckpt adopt {args.root} {info.tag}   (checks every file loads, writes a "
-                     "manifest)")
-    if info.manifest is not None:
-        m = info.manifest
-        lines.append(f"world size: {m.world_size}")
-        lines.append("versions:   " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))
-        meta = dict(m.metadata)
-        for key in ("step", "metrics", "note"):
-            value = meta.pop(key, None)
-            if value not in (None, {}, ""):
-                lines.append(f"{key + ':':<11} {results.format_metrics(value) if key == 'metrics' else value}")
-        if meta:
-            lines.append(f"metadata:   {json.dumps(meta, sort_keys=True, default=str)}")
-    lines.append("")
-    rows = []
-    for f in facts["file_list"]:
-        s = structures.get(f["path"])
-        rows.append({
-            "file": f["path"],
-            "size": results.human_size(f["size"]),
-            "format": s.format if s else "",
-            "tensors": str(len(s.tensors)) if s and not s.error else "",
-            "checksum": f["checksum"] or "(none)",
-        })  # fmt: skip
-    lines.append(results.render_table(rows, ("file", "size", "format", "tensors", "checksum")))
-    for rel, s in structures.items():
-        lines += ["", *_render_structure(rel, s, all_values=args.all_values)]
-    _echo("\n".join(lines))
-    return EXIT_PROBLEM if failed else EXIT_OK
-
-
-def _render_structure(rel: str, s, *, all_values: bool) -> list[str]:
-    from .file_structure import foreign_globals
-
-    if s.error:
-        return [f"{rel}: ERROR {s.error}"]
-    out = [f"{rel}: {s.format} format, {_plural(len(s.tensors), 'tensor')}, {results.human_size(s.tensor_bytes)} of "
-           "tensor data"]
-    if s.tensors:
-        rows = [
-            {"name": t.name, "shape": "[" + ", ".join(map(str, t.shape)) + "]", "dtype": t.dtype,
-             "device": t.device or "-",
-             "kind": ("parameter" if t.parameter else "") + ("" if t.kind == "tensor" else t.kind)}
-            for t in s.tensors
-        ]  # fmt: skip
-        cols = ("name", "shape", "dtype", "device") + (("kind",) if any(r["kind"] for r in rows) else ())
-        out += ["  " + line for line in results.render_table(rows, cols).splitlines()]
-    limit = None if all_values else 12
-    values = s.values if limit is None else s.values[:limit]
-    if values:
-        out.append("  other values:")
-        out += [f"    {v.name}: {v.value}" if "." in v.type else f"    {v.name} = {v.value}" for v in values]
-        if len(s.values) > len(values):
-            out.append(f"    ... {len(s.values) - len(values)} more (--all-values or --json lists them)")
-    extra = foreign_globals(s)
-    if extra:
-        out.append("  classes beyond torch's own: " + ", ".join(f"{name} ({how})" for name, how in extra.items()))
-    out += [f"  note: {n}" for n in s.notes]
-    return out
+        _print_json(details.to_dict())
+    else:
+        _echo(details.to_text())
+    return EXIT_PROBLEM if details.failed else EXIT_OK
 
 
 # -- verify --------------------------------------------------------------------------------------

@@ -492,55 +492,160 @@ class TagList(_Result):
 
 @dataclass
 class TagDetails(_Result):
-    """One tag in detail (:meth:`Checkpointer.info`): status, metadata, objects and files."""
+    """One tag in detail: what ``%ckpt info``, ``Checkpointer.info`` and ``torchckpt info`` show.
+
+    ``structures`` (file path -> :class:`~torchckpt.file_structure.FileStructure`, from
+    :meth:`with_structures`) adds each file's tensors, read from its pickle alone; ``more_hint`` is
+    how the surface says "list every value" (``torchckpt``: its options).
+    """
 
     info: CheckpointInfo
+    structures: dict[str, Any] | None = None
+    all_values: bool = False
+    more_hint: str = "all_values=True lists them"
     quiet: bool = field(default=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"<TagDetails {self.info.tag!r} {self.info.status}>"
 
-    def to_dict(self) -> dict[str, Any]:
+    def with_structures(self, files: Iterable[str] | None = None, *, all_values: bool = False) -> TagDetails:
+        """These details with the structure of ``files`` (default: every file), read without torch."""
+        from dataclasses import replace
+
+        from .file_structure import inspect_file
+
+        wanted = [f["path"] for f in self.files()] if files is None else list(files)
+        return replace(self, structures={rel: inspect_file(self.info.path / rel) for rel in wanted},
+                       all_values=all_values)
+
+    def files(self) -> list[dict[str, Any]]:
+        """Each file: path, size, checksum (None without a manifest) and the rank that wrote it."""
+        from .store import scan_files
+
         i = self.info
-        files = [] if i.manifest is None else [plain(rec) for rec in i.manifest.files.values()]
-        return {**record(i), "parent": _parent_line(i) if "parent" in i.metadata else None,
-                "objects": plain(_objects_of(i)), "metadata": plain(i.metadata), "files": files,
-                "versions": dict(i.manifest.versions) if i.manifest is not None else None,
-                "world_size": i.manifest.world_size if i.manifest is not None else None}
+        if i.manifest is not None:
+            return [{"path": f.path, "size": f.size, "checksum": f.checksum, "rank": f.rank}
+                    for f in i.manifest.files.values()]
+        return [{"path": rel, "size": (i.path / rel).stat().st_size, "checksum": None, "rank": None}
+                for rel in scan_files(i.path)]
+
+    @property
+    def failed(self) -> bool:
+        """A structure could not be read, or the tag's manifest could not."""
+        return bool(self.info.problem) or any(s.error for s in (self.structures or {}).values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``torchckpt info --json`` prints."""
+        i = self.info
+        doc: dict[str, Any] = record(i)
+        doc["status_meaning"] = STATUS_MEANINGS.get(status(i), "")
+        if i.manifest is not None:
+            doc["world_size"] = i.manifest.world_size
+            doc["versions"] = i.manifest.versions
+            doc["metadata"] = i.manifest.metadata
+            doc["parent"] = i.meta.parent
+            doc["objects"] = plain(_objects_of(i))
+        doc["file_list"] = self.files()
+        if self.structures is not None:
+            doc["structure"] = {rel: st.to_dict() for rel, st in self.structures.items()}
+        return doc
 
     def _summary(self) -> list[str]:
-        i, md, meta = self.info, self.info.metadata, self.info.meta
-        latest = " (latest)" if i.is_latest else ""
-        lines = [f"{i.tag}: {status(i)}{latest}, {size(i.size)}, created {when(i.created)}"]
+        i, meta = self.info, self.info.meta
+        st = status(i)
+        files = self.files()
+        lines = [
+            f"tag:        {i.tag}",
+            f"path:       {i.path}",
+            f"status:     {st}{', latest' if i.is_latest else ''} - {STATUS_MEANINGS.get(st, '')}",
+            f"created:    {format_time(i.created)} ({iso_time(i.created)})",
+            f"size:       {human_size(i.size)} in {len(files)} file{'' if len(files) == 1 else 's'}",
+        ]
         if i.problem:
-            lines.append(f"problem: {i.problem}")
-        for key, value in (("step", meta.step), ("note", meta.note)):
-            if value is not None:
-                lines.append(f"{key}: {value}")
-        if "parent" in md:  # lineage.PARENT_KEY
-            lines.append(f"parent: {_parent_line(i)}")
-        if md.get("metrics"):
-            lines.append(f"metrics: {format_metrics(md['metrics'])}")
-        if i.manifest is not None and i.manifest.versions:
-            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(i.manifest.versions.items())))
+            lines.append(f"problem:    {i.problem}")
+        if st == "deepspeed":
+            lines.append(f"adopt:      torchckpt adopt {i.path.parent} {i.tag}   (checks every file loads, writes "
+                         "a manifest)")
+        if i.manifest is not None:
+            lines.append(f"world size: {i.manifest.world_size}")
+            lines.append("versions:   " + ", ".join(f"{k} {v}" for k, v in sorted(i.manifest.versions.items())))
+            if meta.step is not None:
+                lines.append(f"step:       {meta.step}")
+            if meta.metrics:
+                lines.append(f"metrics:    {format_metrics(meta.metrics)}")
+            if meta.note:
+                lines.append(f"note:       {meta.note}")
+            if "parent" in i.metadata:  # lineage.PARENT_KEY
+                lines.append(f"parent:     {_parent_line(i)}")
+            shown = {"step", "metrics", "note", "parent", "objects", "rng", "format"}
+            rest = {k: v for k, v in i.metadata.items() if k not in shown}
+            if rest:
+                import json
+
+                lines.append(f"metadata:   {json.dumps(rest, sort_keys=True, default=str)}")
+            for problem in meta.problems:
+                lines.append(f"ignored:    {problem}")
         return lines
 
-    def _rows(self) -> list[list[str]]:
-        owners = {o.get("file"): name for name, o in _objects_of(self.info).items() if isinstance(o, dict)}
-        kinds = {o.get("file"): o.get("kind", "") for o in _objects_of(self.info).values() if isinstance(o, dict)}
-        if self.info.manifest is None:
-            return []
-        return [[rec.path, owners.get(rec.path, "rng" if rec.path == RNG_FILE else ""),
-                 kinds.get(rec.path, ""), size(rec.size), rec.checksum.split(":")[-1][:12]]
-                for rec in self.info.manifest.files.values()]
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        owners = {o.get("file"): (name, o.get("kind", "")) for name, o in _objects_of(self.info).items()}
+        structures = self.structures or {}
+        rows = []
+        for f in self.files():
+            owner, kind = owners.get(f["path"], ("rng" if f["path"] == RNG_FILE else "", ""))
+            st = structures.get(f["path"])
+            rows.append([f["path"], owner, kind, human_size(f["size"]), st.format if st else "",
+                         str(len(st.tensors)) if st and not st.error else "", f["checksum"] or "(none)"])
+        headers = ["file", "object", "kind", "size", "format", "tensors", "checksum"]
+        keep = [n for n, h in enumerate(headers) if h in ("file", "size", "checksum") or any(r[n] for r in rows)]
+        return [headers[n] for n in keep], [[r[n] for n in keep] for r in rows]
 
-    _HEADERS = ("file", "object", "kind", "size", "checksum")
+    def _structure_lines(self) -> list[str]:
+        out: list[str] = []
+        for rel, st in (self.structures or {}).items():
+            out += ["", *_structure(rel, st, all_values=self.all_values, more_hint=self.more_hint)]
+        return out
 
     def to_html(self) -> str:
-        return html_lines(self._summary()) + html_table(self._HEADERS, self._rows())
+        headers, rows = self._table()
+        extra = self._structure_lines()
+        return (html_lines(self._summary()) + html_table(headers, rows)
+                + (f"<pre>{html.escape(chr(10).join(extra))}</pre>" if extra else ""))
 
     def to_text(self) -> str:
-        return "\n".join(self._summary() + [text_table(self._HEADERS, self._rows())])
+        headers, rows = self._table()
+        table = render_table([dict(zip(headers, r, strict=True)) for r in rows], headers)
+        return "\n".join([*self._summary(), "", table, *self._structure_lines()])
+
+
+def _structure(rel: str, s: Any, *, all_values: bool, more_hint: str) -> list[str]:
+    """One file's structure as text: its tensors, other values and the classes its pickle names."""
+    from .file_structure import foreign_globals
+
+    if s.error:
+        return [f"{rel}: ERROR {s.error}"]
+    n = len(s.tensors)
+    out = [f"{rel}: {s.format} format, {n} tensor{'' if n == 1 else 's'}, {human_size(s.tensor_bytes)} of tensor data"]
+    if s.tensors:
+        rows = [
+            {"name": t.name, "shape": "[" + ", ".join(map(str, t.shape)) + "]", "dtype": t.dtype,
+             "device": t.device or "-",
+             "kind": ("parameter" if t.parameter else "") + ("" if t.kind == "tensor" else t.kind)}
+            for t in s.tensors
+        ]  # fmt: skip
+        cols = ("name", "shape", "dtype", "device") + (("kind",) if any(r["kind"] for r in rows) else ())
+        out += ["  " + line for line in render_table(rows, cols).splitlines()]
+    values = s.values if all_values else s.values[:12]
+    if values:
+        out.append("  other values:")
+        out += [f"    {v.name}: {v.value}" if "." in v.type else f"    {v.name} = {v.value}" for v in values]
+        if len(s.values) > len(values):
+            out.append(f"    ... {len(s.values) - len(values)} more ({more_hint})")
+    extra = foreign_globals(s)
+    if extra:
+        out.append("  classes beyond torch's own: " + ", ".join(f"{name} ({how})" for name, how in extra.items()))
+    out += [f"  note: {n}" for n in s.notes]
+    return out
 
 
 def _parent_line(info: CheckpointInfo) -> str:
