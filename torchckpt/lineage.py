@@ -210,14 +210,11 @@ def nodes_from(infos: Iterable[CheckpointInfo]) -> dict[str, Node]:
     present = {i.tag: i.status for i in infos}
     nodes: dict[str, Node] = {}
     for tag, info in committed.items():
-        md = info.metadata
-        parent, problem = parent_of(md)
+        meta = info.meta  # typed and checked once (manifest.CheckpointMeta)
+        parent, problem = parent_of(info.metadata)
         if parent == tag:
             parent, problem = None, "names itself as its parent"
-        metrics = md.get("metrics") if isinstance(md.get("metrics"), dict) else {}
-        step = md.get("step") if isinstance(md.get("step"), int) and not isinstance(md.get("step"), bool) else None
-        note = md.get("note") if isinstance(md.get("note"), str) else None
-        nodes[tag] = Node(tag, parent, step=step, metrics=metrics, note=note, created=info.created,
+        nodes[tag] = Node(tag, parent, step=meta.step, metrics=meta.metrics, note=meta.note, created=info.created,
                           latest=info.is_latest, problem=problem)
     for node in list(nodes.values()):
         if node.parent is not None and node.parent not in nodes:
@@ -238,7 +235,8 @@ def _break_cycles(nodes: dict[str, Node]) -> None:
     """Hand-edited manifests may name each other as parents: cut every cycle at its oldest tag."""
     state: dict[str, int] = {}  # 1: on the current walk, 2: known to reach a root
     for start in sorted(nodes.values(), key=_when):
-        walk, tag = [], start.tag
+        walk: list[str] = []
+        tag: str | None = start.tag
         while tag is not None and state.get(tag) is None:
             state[tag] = 1
             walk.append(tag)
@@ -263,7 +261,8 @@ def _display_order(nodes: dict[str, Node]) -> list[str]:
             seen.append(t)
             stack.extend(c for c in nodes[t].children if c not in latest_in)
         for t in reversed(seen):  # children before parents
-            own = nodes[t].created if nodes[t].created is not None else float("-inf")
+            created = nodes[t].created
+            own: float = created if created is not None else float("-inf")
             latest_in[t] = max([own] + [latest_in[c] for c in nodes[t].children])
         return latest_in[tag]
 

@@ -30,7 +30,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterable, MutableMapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 
@@ -41,6 +41,9 @@ from .notebook import Checkpointer, parse_metrics
 from .options import CheckpointOptions
 from .pending import PendingSave
 from .store import CheckpointInfo
+
+if TYPE_CHECKING:
+    from .plots import MetricPlot
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +236,7 @@ class CheckpointPanel:
                                  self.chart_image], layout=w.Layout(display="none"))
         self.chart_box.add_class("torchckpt-chart-box")
         #: The chart's data (a :class:`~torchckpt.plots.MetricPlot`), None until the chart is shown.
-        self.chart_plot = None
+        self.chart_plot: MetricPlot | None = None
         self._chart_drawn: str | None = None
         self._charting = False
         header = w.HBox([w.HTML("", layout=w.Layout(width="28px"))]
@@ -286,7 +289,7 @@ class CheckpointPanel:
         self.refresh_button.on_click(self._on_refresh)
         self.sort.observe(lambda _: self._safely("sort", self.refresh), names="value")
         self.chart_toggle.observe(lambda _: self._safely("chart", self._refresh_chart), names="value")
-        self.chart_metric.observe(lambda _: self._charting or self._safely("chart", self._refresh_chart),
+        self.chart_metric.observe(lambda _: None if self._charting else self._safely("chart", self._refresh_chart),
                                   names="value")
         self.tag_input.observe(lambda _: self._update_buttons(), names="value")
         self.objects_select.observe(self._on_objects_changed, names="value")

@@ -173,8 +173,8 @@ def metric_plot(log: LineageLog, metrics: list[str] | None = None) -> MetricPlot
     for m in wanted:
         per: dict[str, list[Point]] = {}
         for path in branches.values():
-            pts = [Point(nodes[t].step, float(nodes[t].metrics[m]), t) for t in path
-                   if nodes[t].step is not None and _number(nodes[t].metrics.get(m))]
+            pts = [Point(step, float(nodes[t].metrics[m]), t) for t in path
+                   if (step := nodes[t].step) is not None and _number(nodes[t].metrics.get(m))]
             # named by its newest plotted tag (a leaf without a step or this metric names nothing)
             if pts and len(pts) > len(per.get(pts[-1].tag, ())):
                 per[pts[-1].tag] = pts
