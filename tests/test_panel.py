@@ -559,3 +559,17 @@ def test_load_restores_on_the_kernel_thread_even_with_a_background_executor(make
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert "loaded 'base'" in text(p.status)
+
+
+def test_status_and_note_cells_carry_their_own_titles(make_panel):
+    """The status cell's tooltip is the status's meaning, the note cell's the whole note (one
+    vocabulary: torchckpt.results)."""
+    from torchckpt import results
+
+    p = make_panel()
+    save(p, "titled", note="a long note that the table cuts " * 3)
+    status_cell = p.rows["titled"].cells["status"].value
+    note_cell = p.rows["titled"].cells["note"].value
+    assert html.escape(results.STATUS_MEANINGS["committed"], quote=True) in status_cell
+    assert "a long note that the table cuts a long note" in note_cell
+    assert results.STATUS_COLOURS["committed"] in status_cell

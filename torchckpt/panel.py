@@ -65,24 +65,10 @@ _SORTS: dict[str, Callable[[CheckpointInfo], Any]] = {
     "step": lambda i: (i.meta.step is None, i.meta.step or 0, i.created),
 }
 
-# (column, header, width)
-_COLUMNS = (
-    ("tag", "tag", "200px"),
-    ("created", "created", "150px"),
-    ("size", "size", "80px"),
-    ("step", "step", "60px"),
-    ("metrics", "metrics", "170px"),
-    ("note", "note", "230px"),
-    ("status", "status", "110px"),
-)
-_STATUS_COLOURS = {
-    "committed": "#2e7d32",
-    "pending": "#1565c0",
-    "writing": "#1565c0",
-    "incomplete": "#e65100",
-    "unreadable": "#c62828",
-    "deepspeed": "#616161",
-}
+#: The table's columns are results.COLUMNS (``latest`` is a badge in the tag cell); their widths here.
+_WIDTHS = {"tag": "200px", "created": "150px", "size": "80px", "step": "60px", "metrics": "170px", "note": "230px",
+           "status": "110px"}
+_COLUMNS = tuple((name, name, _WIDTHS.get(name, "120px")) for name in results.COLUMNS if name != "latest")
 _LATEST_BADGE = (
     '<span class="torchckpt-latest" style="background:#2e7d32;color:#fff;border-radius:3px;'
     'padding:0 4px;margin-left:4px;font-size:85%">latest</span>'
@@ -452,13 +438,13 @@ class CheckpointPanel:
     def _cells(self, info: CheckpointInfo) -> dict[str, str]:
         row = results.row(info)
         status = "pending" if info.tag in self._pending else row["status"]
-        colour = _STATUS_COLOURS.get(status, "inherit")
-        title = html.escape(info.problem or results.STATUS_MEANINGS.get(status, "saved by this kernel, not committed"),
-                            quote=True)
+        colour = results.STATUS_COLOURS.get(status, "inherit")
+        meanings = {**results.STATUS_MEANINGS, **results.STATUS_MEANINGS_IN_KERNEL}
+        title = html.escape(info.problem or meanings.get(status, ""), quote=True)
         cells = {name: html.escape(row[name]) for name, _, _ in _COLUMNS}
         cells["tag"] = f"<code>{cells['tag']}</code>" + (_LATEST_BADGE if info.is_latest else "")
-        title = html.escape(info.meta.note or "", quote=True)
-        cells["note"] = f'<span title="{title}">{cells["note"]}</span>'
+        note_title = html.escape(info.meta.note or "", quote=True)
+        cells["note"] = f'<span title="{note_title}">{cells["note"]}</span>'
         cells["status"] = f'<span style="color:{colour}" title="{title}">{html.escape(status)}</span>'
         return cells
 

@@ -40,6 +40,17 @@ STATUS_MEANINGS: dict[str, str] = {
     "unreadable": "the manifest exists but cannot be read; see `torchckpt info`",
     "deepspeed": "written by DeepSpeed's own engine (no manifest); inspect it, `torchckpt adopt` it",
 }
+#: A tag this kernel saved and has not committed yet (``%ckpt ls`` and the panel; never on disk alone).
+STATUS_MEANINGS_IN_KERNEL: dict[str, str] = {"pending": "saved by this kernel, not committed"}
+#: How the panel colours each status (the words are the same everywhere).
+STATUS_COLOURS: dict[str, str] = {
+    "committed": "#2e7d32",
+    "pending": "#1565c0",
+    "writing": "#1565c0",
+    "incomplete": "#e65100",
+    "unreadable": "#c62828",
+    "deepspeed": "#616161",
+}
 
 _NOTE_WIDTH = 40
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
