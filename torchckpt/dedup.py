@@ -71,7 +71,7 @@ class _HashingZip:
             self.hash.update((ctypes.c_char * nbytes).from_address(data.data_ptr()))
 
     def write_record_metadata(self, name: str, nbytes: int) -> None:  # pragma: no cover - skip_data mode
-        raise RuntimeError("content keys need the data")
+        raise NotImplementedError("content keys need the data")
 
 
 def _prefix() -> str:
