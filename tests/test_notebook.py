@@ -635,9 +635,10 @@ def test_every_result_has_to_dict_as_plain_json(ckpt, root):
     assert sorted(c["tag"] for c in dicts["list"]["checkpoints"]) == ["a", "b"]
     info = dicts["info"]
     assert info["tag"] == "a" and info["status"] == "committed" and info["note"] == "first" and info["step"] == 5
-    assert {f["path"] for f in info["files"]} >= {"objects/model.pt", "objects/step.pt"}
+    assert {f["path"] for f in info["file_list"]} >= {"objects/model.pt", "objects/step.pt"}
+    assert info["files"] == len(info["file_list"]) and info["objects"]["model"]["kind"] == "module"
     assert info["size"] == ckpt.info("a").info.size
-    assert dicts["verify"] == {"tag": "a", "ok": True, "files_checked": len(info["files"]), "problems": []}
+    assert dicts["verify"] == {"tag": "a", "ok": True, "files_checked": info["files"], "problems": []}
     assert dicts["remove"]["removed"] == ["b"]
 
 
