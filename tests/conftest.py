@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,20 @@ def ds_dist():
                 if "EADDRINUSE" not in str(e) or attempt == 4:
                     raise
     return dist
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Background writes wait until the test calls the fixture's value (released at teardown too)."""
+    import torchckpt.serialization
+
+    gate = threading.Event()
+    real = torchckpt.serialization.save
+
+    def held(obj, stream, **kwargs):
+        assert gate.wait(60), "held_writes: never released"
+        return real(obj, stream, **kwargs)
+
+    monkeypatch.setattr(torchckpt.serialization, "save", held)
+    yield gate.set
+    gate.set()

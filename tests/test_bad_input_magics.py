@@ -9,47 +9,21 @@ import threading
 
 import pytest
 import torch
+from _shell import ckpt_root, ip, run  # noqa: F401 - ip is a fixture
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 #: Python keyword spellings that must never reach a %ckpt user.
 PYTHON_DIALECT = ("verify=False", "allow_incomplete=True", "strict=False", "allow=[", "trusted=True",
                   "allow_latest=True", "overwrite=True", "into=", "map_location=", "rng=")
 
 
-@pytest.fixture(scope="module")
-def ip():
-    if InteractiveShell.initialized():
-        shell = InteractiveShell.instance()
-    else:
-        cfg = Config()
-        cfg.HistoryManager.enabled = False
-        shell = InteractiveShell.instance(config=cfg)
-    shell.run_line_magic("load_ext", "torchckpt")
-    yield shell
-    shell.run_line_magic("unload_ext", "torchckpt")
-    shell.config.CkptMagics.pop("root", None)
-
-
 @pytest.fixture
 def root(ip, tmp_path):
-    before = set(ip.user_ns)
-    path = tmp_path / "ckpts"
-    run(ip, f"%ckpt dir {path}")
-    yield path
+    with ckpt_root(ip, tmp_path / "ckpts") as path:
+        yield path
     magics = ip.magics_manager.registry.get("CkptMagics")
     if magics is not None:
-        magics.close()
         magics.auto_max_mb = 512.0
-    for name in set(ip.user_ns) - before:
-        del ip.user_ns[name]
-
-
-def run(ip, cell: str):
-    result = ip.run_cell(cell, store_history=False)
-    result.raise_error()
-    return result.result
 
 
 def disk(path) -> dict[str, tuple[int, int]]:

@@ -37,15 +37,9 @@ def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def nb_root(tmp_path_factory):
     """Two tags saved by the real ``%ckpt save`` in an IPython shell."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
+    from _shell import shell
 
-    if InteractiveShell.initialized():
-        ip = InteractiveShell.instance()
-    else:
-        cfg = Config()
-        cfg.HistoryManager.enabled = False
-        ip = InteractiveShell.instance(config=cfg)
+    ip = shell()
     root = tmp_path_factory.mktemp("nb") / "ckpts"
     before = set(ip.user_ns)
     ip.run_line_magic("load_ext", "torchckpt")

@@ -9,9 +9,7 @@ import sys
 
 import pytest
 import torch
-from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
+from _shell import ckpt_root, ip, run, usage_error  # noqa: F401 - ip is a fixture
 
 from torchckpt.errors import InvalidTagError, TagNotFoundError
 from torchckpt.layout import MANIFEST_NAME
@@ -197,44 +195,10 @@ def test_tags_without_lineage_and_an_empty_root(tmp_path):
 
 
 # -- %ckpt log through IPython ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ip():
-    if InteractiveShell.initialized():
-        shell = InteractiveShell.instance()
-    else:
-        cfg = Config()
-        cfg.HistoryManager.enabled = False
-        shell = InteractiveShell.instance(config=cfg)
-    shell.run_line_magic("load_ext", "torchckpt")
-    yield shell
-    shell.run_line_magic("unload_ext", "torchckpt")
-    shell.config.CkptMagics.pop("root", None)
-
-
 @pytest.fixture
 def root(ip, tmp_path):
-    before = set(ip.user_ns)
-    path = tmp_path / "ckpts"
-    run(ip, f"%ckpt dir {path}")
-    yield path
-    magics = ip.magics_manager.registry.get("CkptMagics")
-    if magics is not None:
-        magics.close()
-        magics._checkpointers.clear()
-    for name in set(ip.user_ns) - before:
-        del ip.user_ns[name]
-
-
-def run(ip, cell: str):
-    result = ip.run_cell(cell, store_history=False)
-    result.raise_error()
-    return result.result
-
-
-def usage_error(ip, cell: str) -> str:
-    result = ip.run_cell(cell, store_history=False)
-    assert type(result.error_in_exec) is UsageError, repr(result.error_in_exec)
-    return str(result.error_in_exec)
+    with ckpt_root(ip, tmp_path / "ckpts") as path:
+        yield path
 
 
 CELLS = [

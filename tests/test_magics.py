@@ -7,54 +7,17 @@ import time
 
 import pytest
 import torch
-from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
+from _shell import ckpt_root, ip, run, usage_error  # noqa: F401 - ip is a fixture
 
 from torchckpt.errors import WriteError
 from torchckpt.magics import CkptMagics
 
 
-@pytest.fixture(scope="module")
-def ip():
-    if InteractiveShell.initialized():
-        shell = InteractiveShell.instance()
-    else:
-        cfg = Config()
-        cfg.HistoryManager.enabled = False
-        shell = InteractiveShell.instance(config=cfg)
-    shell.run_line_magic("load_ext", "torchckpt")
-    yield shell
-    shell.run_line_magic("unload_ext", "torchckpt")
-    shell.config.CkptMagics.pop("root", None)  # unload keeps the root for %reload_ext; forget ours
-
-
 @pytest.fixture
 def root(ip, tmp_path):
     """Point %ckpt at a fresh root; forget the test's variables afterwards."""
-    before = set(ip.user_ns)
-    path = tmp_path / "ckpts"
-    run(ip, f"%ckpt dir {path}")
-    yield path
-    magics = ip.magics_manager.registry.get("CkptMagics")
-    if magics is not None:
-        magics.close()
-    for name in set(ip.user_ns) - before:
-        del ip.user_ns[name]
-
-
-def run(ip, cell: str):
-    """Run a cell; return its value; raise what it raised."""
-    result = ip.run_cell(cell, store_history=False)
-    result.raise_error()
-    return result.result
-
-
-def usage_error(ip, cell: str) -> str:
-    """Run a cell that must fail with exactly UsageError; return the message."""
-    result = ip.run_cell(cell, store_history=False)
-    assert type(result.error_in_exec) is UsageError, repr(result.error_in_exec)
-    return str(result.error_in_exec)
+    with ckpt_root(ip, tmp_path / "ckpts") as path:
+        yield path
 
 
 SETUP = """
@@ -137,25 +100,6 @@ def test_save_names_note_metrics_and_step_go_into_the_manifest(ip, root):
     assert meta["metrics"] == {"loss": 0.25, "acc": 91, "opt": "adam"}
     assert meta["objects"]["model"] == {"file": "objects/model.pt", "kind": "module",
                                         "type": "torch.nn.modules.container.Sequential"}
-
-
-@pytest.fixture
-def held_writes(monkeypatch):
-    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
-    import threading
-
-    import torchckpt.serialization
-
-    gate = threading.Event()
-    real = torchckpt.serialization.save
-
-    def held(obj, stream, **kwargs):
-        assert gate.wait(60), "held_writes: never released"
-        return real(obj, stream, **kwargs)
-
-    monkeypatch.setattr(torchckpt.serialization, "save", held)
-    yield gate.set
-    gate.set()
 
 
 def test_save_async_returns_a_handle_and_commit_waits(ip, root, capsys, held_writes):

@@ -203,23 +203,6 @@ def test_no_commit_then_commit_with_new_metadata(ckpt, root):
     assert ckpt.commit("t").committed  # committing again is harmless
 
 
-@pytest.fixture
-def held_writes(monkeypatch):
-    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
-    import torchckpt.serialization
-
-    gate = threading.Event()
-    real = torchckpt.serialization.save
-
-    def held(obj, stream, **kwargs):
-        assert gate.wait(60), "held_writes: never released"
-        return real(obj, stream, **kwargs)
-
-    monkeypatch.setattr(torchckpt.serialization, "save", held)
-    yield gate.set
-    gate.set()
-
-
 def test_async_save_commits_in_background_and_reports_once(ckpt, held_writes):
     ns = objects(0)
     expected = ns["weights"].clone()

@@ -80,23 +80,6 @@ def make_panel(root, ns):
         p.close()
 
 
-@pytest.fixture
-def held_writes(monkeypatch):
-    """Background writes wait until the test calls ``release()`` (released at teardown too)."""
-    import torchckpt.serialization
-
-    gate = threading.Event()
-    real = torchckpt.serialization.save
-
-    def held(obj, stream, **kwargs):
-        assert gate.wait(60), "held_writes: never released"
-        return real(obj, stream, **kwargs)
-
-    monkeypatch.setattr(torchckpt.serialization, "save", held)
-    yield gate.set
-    gate.set()
-
-
 def save(p, tag, *, note="", metrics=""):
     p.tag_input.value = tag
     p.note_input.value = note

@@ -10,9 +10,7 @@ import sys
 
 import pytest
 import torch
-from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
+from _shell import ckpt_root, ip, run, usage_error  # noqa: F401 - ip is a fixture
 
 from torchckpt.notebook import Checkpointer
 from torchckpt.plots import DiffPlot, MetricNotFoundError, MetricPlot
@@ -97,37 +95,9 @@ def test_relative_change_of_a_zero_tensor_is_inf(tmp_path):
 
 
 # -- through IPython --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ip():
-    if InteractiveShell.initialized():
-        shell = InteractiveShell.instance()
-    else:
-        cfg = Config()
-        cfg.HistoryManager.enabled = False
-        shell = InteractiveShell.instance(config=cfg)
-    shell.run_line_magic("load_ext", "torchckpt")
-    yield shell
-    shell.run_line_magic("unload_ext", "torchckpt")
-    shell.config.CkptMagics.pop("root", None)
-
-
-def run(ip, cell: str):
-    result = ip.run_cell(cell, store_history=False)
-    result.raise_error()
-    return result.result
-
-
-def usage_error(ip, cell: str) -> str:
-    result = ip.run_cell(cell, store_history=False)
-    assert type(result.error_in_exec) is UsageError, repr(result.error_in_exec)
-    return str(result.error_in_exec)
-
-
 def test_magics_plot_and_diff_plot(ip, tmp_path):
     _branches(tmp_path / "ckpts").close()
-    before = set(ip.user_ns)
-    run(ip, f"%ckpt dir {tmp_path / 'ckpts'}")
-    try:
+    with ckpt_root(ip, tmp_path / "ckpts"):  # the shell is shared with other test files
         plot = run(ip, "r = %ckpt plot loss\nr")
         assert isinstance(plot, MetricPlot) and set(plot.data("loss")) == {"slow-30", "fast-30"}
         assert run(ip, "%ckpt plot").metrics == ["acc", "loss"]
@@ -136,10 +106,6 @@ def test_magics_plot_and_diff_plot(ip, tmp_path):
         msg = usage_error(ip, "%ckpt plot nosuchmetric")
         assert "nosuchmetric" in msg and "plot one of: acc, loss" in msg and "\n" not in msg
         assert "no checkpoint 'nosuch'" in usage_error(ip, "%ckpt diff base nosuch --plot")
-    finally:
-        ip.magics_manager.registry["CkptMagics"].close()
-        for name in set(ip.user_ns) - before:  # the shell is shared with other test files
-            del ip.user_ns[name]
 
 
 def test_load_ext_imports_neither_torch_nor_matplotlib():

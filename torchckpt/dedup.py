@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from ._fileio import CHECKSUM_ALGO, checksum_file, tmp_name
+from ._fileio import CHECKSUM_ALGO, checksum_file, fsync_file
+from .layout import tmp_name
 
 if TYPE_CHECKING:
     from .manifest import FileRecord
@@ -212,11 +213,7 @@ def place(final: Path, cand: Candidate, *, verify: bool = True) -> str | None:
             size, checksum = checksum_file(tmp)
             if (size, checksum) != (cand.record.size, cand.record.checksum):
                 raise _Mismatch("checksum mismatch (bytes changed since its commit)")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, final)
         confirm(final, cand.record.checksum)
     except _Mismatch as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import serialization
-from ._fileio import fsync_dir
+from ._fileio import fsync_dir, fsync_file
 from .errors import ExportError
 from .file_structure import inspect_file
 from .layout import object_file, tmp_name
@@ -252,11 +252,7 @@ def _save_safetensors_atomic(tensors: dict[str, Any], out: Path, metadata: dict[
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # a file to share: the mode any other tool would give it
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
