@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -115,9 +116,10 @@ class CheckpointInfo:
     def metadata(self) -> dict[str, Any]:
         return self.manifest.metadata if self.manifest else {}
 
-    @property
+    @functools.cached_property
     def meta(self) -> CheckpointMeta:
-        """The metadata torchckpt writes, typed and checked (:class:`~torchckpt.manifest.CheckpointMeta`)."""
+        """The metadata torchckpt writes, typed and checked (:class:`~torchckpt.manifest.CheckpointMeta`);
+        parsed once per info (the table, sorting and the panel read it for every row)."""
         return CheckpointMeta.parse(self.metadata)
 
 
