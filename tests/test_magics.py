@@ -388,6 +388,7 @@ OPTION_TRAITS = {
     "max_inflight_mb": (64, lambda c: c.options.max_inflight_bytes == 64 << 20),
     "pin_memory": (False, lambda c: c.options.pin_memory is False),
     "poll_interval": (0.5, lambda c: c.options.poll_interval == 0.5),
+    "dedup": (False, lambda c: c.dedup is False),
 }
 
 

@@ -12,7 +12,7 @@ from torchckpt.options import AUTO_MAX_BYTES, PROGRESS_MIN_BYTES, CheckpointOpti
 def test_defaults_are_the_documented_ones():
     o = CheckpointOptions()
     assert (o.lock_timeout, o.progress_min_bytes, o.auto_max_bytes) == (60.0, 256 << 20, 512 << 20)
-    assert (o.max_inflight_bytes, o.pin_memory, o.poll_interval) == (None, None, 2.0)
+    assert (o.max_inflight_bytes, o.pin_memory, o.poll_interval, o.dedup) == (None, None, 2.0, True)
     assert PROGRESS_MIN_BYTES == 256 << 20 and AUTO_MAX_BYTES == 512 << 20
 
 
@@ -50,3 +50,17 @@ def test_good_values_are_kept():
                           pin_memory=False, poll_interval=0.5)
     assert o.lock_timeout == 0 and o.auto_max_bytes is None and o.max_inflight_bytes == 1 << 30
     assert o.pin_memory is False and o.poll_interval == 0.5
+
+
+def test_linked_re_saves_are_an_option_like_the_others(tmp_path):
+    from torchckpt.notebook import Checkpointer
+    from torchckpt.options import CheckpointOptions
+
+    with pytest.raises(TypeError, match="dedup must be True or False"):
+        CheckpointOptions(dedup="yes")
+    ck = Checkpointer(tmp_path, dedup=False)
+    assert ck.options.dedup is False and ck.dedup is False
+    ck.dedup = True
+    assert ck.options.dedup is True
+    assert Checkpointer(tmp_path, options=CheckpointOptions(dedup=False)).dedup is False
+    ck.close()

@@ -279,7 +279,7 @@ def _doc() -> str:
         "(r = %ckpt save ...), shown as a table. Configure with %config CkptMagics.root = 'dir',",
         "CkptMagics.progress = 'auto'|'always'|'never', CkptMagics.quiet = True, and the Checkpointer's",
         "options: CkptMagics.lock_timeout, progress_min_mb, auto_max_mb, max_inflight_mb, pin_memory,",
-        "poll_interval (%config CkptMagics lists them).",
+        "poll_interval, dedup (%config CkptMagics lists them).",
     ]
     return "\n".join(lines)
 
@@ -319,6 +319,9 @@ class CkptMagics(Magics, Configurable):
         2.0, allow_none=True,
         help="the panel re-reads the root every this many seconds while a save made elsewhere commits (None: never)",
     ).tag(config=True)
+    dedup = Bool(
+        True, help="a saved file identical to a committed file of the root is stored as a hard link to it"
+    ).tag(config=True)
 
     @validate("lock_timeout", "progress_min_mb", "auto_max_mb", "max_inflight_mb", "poll_interval")
     def _check_option(self, proposal):
@@ -329,7 +332,8 @@ class CkptMagics(Magics, Configurable):
                              "the setting is unchanged")
         return value
 
-    @observe("lock_timeout", "progress_min_mb", "auto_max_mb", "max_inflight_mb", "pin_memory", "poll_interval")
+    @observe("lock_timeout", "progress_min_mb", "auto_max_mb", "max_inflight_mb", "pin_memory", "poll_interval",
+             "dedup")
     def _options_changed(self, change) -> None:
         for ckpt in getattr(self, "_checkpointers", {}).values():  # those made before the %config too
             ckpt.options = self.options()
@@ -345,6 +349,7 @@ class CkptMagics(Magics, Configurable):
             max_inflight_bytes=None if self.max_inflight_mb is None else max(1, _mib(self.max_inflight_mb)),
             pin_memory=self.pin_memory,
             poll_interval=self.poll_interval,
+            dedup=self.dedup,
         )
 
     def __init__(self, shell=None, **kwargs: Any):

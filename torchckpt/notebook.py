@@ -67,6 +67,7 @@ from .store import CheckpointInfo, CheckpointStore, GcPlan, Transaction
 
 if TYPE_CHECKING:
     from .async_writer import AsyncWriter
+    from .dedup import Candidates
     from .diff import CheckpointDiff
     from .pending import PendingSave
     from .plots import DiffPlot, MetricPlot
@@ -130,9 +131,8 @@ class Checkpointer:
         root: the checkpoint root (created on first save).
         options: the settings (:class:`~torchckpt.options.CheckpointOptions`: lock timeout,
             progress threshold, ``auto_max_bytes``, async memory cap and pinning, the panel's
-            poll interval); assign :attr:`options` to change them later.
-        progress_min_bytes, auto_max_bytes: the options of those names, over ``options``.
-        dedup: store a file identical to a committed file of the root as a hard link to it.
+            poll interval, linked re-saves); assign :attr:`options` to change them later.
+        progress_min_bytes, auto_max_bytes, dedup: the options of those names, over ``options``.
 
     Example:
         >>> ckpt = Checkpointer("checkpoints")
@@ -142,16 +142,15 @@ class Checkpointer:
     """
 
     def __init__(self, root: str | os.PathLike, *, options: CheckpointOptions | None = None,
-                 progress_min_bytes: int = _UNSET, auto_max_bytes: int | None = _UNSET, dedup: bool = True):
+                 progress_min_bytes: int = _UNSET, auto_max_bytes: int | None = _UNSET, dedup: bool = _UNSET):
         options = _checked_options(options)
-        given: dict[str, Any] = {"progress_min_bytes": progress_min_bytes, "auto_max_bytes": auto_max_bytes}
+        given: dict[str, Any] = {"progress_min_bytes": progress_min_bytes, "auto_max_bytes": auto_max_bytes,
+                                 "dedup": dedup}
         given = {k: v for k, v in given.items() if v is not _UNSET}
         if given:
             options = replace(options, **given)  # validated again
         self.store = CheckpointStore(root, lock_timeout=options.lock_timeout)
         self._options = options
-        #: Share files identical to a committed file of the root as hard links (see :mod:`torchckpt.dedup`).
-        self.dedup = dedup
         self._pending: dict[str, _Pending] = {}
         self._finished: list[SaveResult] = []
         self._failed: dict[str, SaveResult] = {}
@@ -188,6 +187,15 @@ class Checkpointer:
     @progress_min_bytes.setter
     def progress_min_bytes(self, value: int) -> None:
         self.options = replace(self._options, progress_min_bytes=value)
+
+    @property
+    def dedup(self) -> bool:
+        """Share files identical to a committed file of the root as hard links (see :mod:`torchckpt.dedup`)."""
+        return self._options.dedup
+
+    @dedup.setter
+    def dedup(self, value: bool) -> None:
+        self.options = replace(self._options, dedup=value)
 
     @property
     def auto_max_bytes(self) -> int | None:
@@ -437,7 +445,7 @@ class Checkpointer:
                 return parent_of(info.metadata)[0]
         return None
 
-    def _candidates(self, tag: str) -> dedup.Candidates | None:
+    def _candidates(self, tag: str) -> Candidates | None:
         """The root's committed files a new save of ``tag`` may share (None: sharing is off)."""
         try:
             return dedup.Candidates(self.store.list(), exclude=tag)

@@ -40,6 +40,8 @@ class CheckpointOptions:
             (None: when CUDA is available).
         poll_interval: the panel re-reads the root every this many seconds while a save made
             elsewhere is still committing (None: never).
+        dedup: a saved file identical to a committed file of the root is stored as a hard link
+            to it (see :mod:`torchckpt.dedup`).
 
     Raises:
         InvalidArgumentError (a ValueError): a value out of range, naming the option and its valid values.
@@ -55,6 +57,7 @@ class CheckpointOptions:
     max_inflight_bytes: int | None = None
     pin_memory: bool | None = None
     poll_interval: float | None = 2.0
+    dedup: bool = True
 
     def __post_init__(self) -> None:
         _check(self.lock_timeout, "lock_timeout", "a number of seconds >= 0", lambda v: _number(v) and v >= 0)
@@ -68,6 +71,7 @@ class CheckpointOptions:
                lambda v: v is None or isinstance(v, bool))
         _check(self.poll_interval, "poll_interval", "a number of seconds > 0, or None (never)",
                lambda v: v is None or _number(v) and v > 0)
+        _check(self.dedup, "dedup", "True or False", lambda v: isinstance(v, bool))
 
 
 def _check(value: Any, name: str, valid: str, ok: Any) -> None:
