@@ -27,7 +27,7 @@ def pytest_configure(config):
 #: ./dev test --fast: the pure-Python unit tests (no subprocesses, DeepSpeed, IPython or browser), ~10 s.
 FAST_FILES = frozenset({
     "test_errors.py", "test_manifest.py", "test_fileio.py", "test_file_structure.py", "test_state.py",
-    "test_serialization.py", "test_store.py", "test_diff.py", "test_bad_input_python.py",
+    "test_serialization.py", "test_store.py", "test_diff.py", "test_bad_input_python.py", "test_inplace.py",
 })
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 import numpy as np
 import torch
 
+from . import _inplace
 from .errors import InvalidArgumentError, NotCheckpointableError, RestoreError
 from .options import AUTO_MAX_BYTES
 
@@ -463,9 +464,14 @@ class RestorePlan:
         engines, which the checks made safe) are put back, and the error is raised."""
         notes: list[str] = []
         undo: list[Callable[[], None]] = []
+        threads = torch.get_num_threads()
+        copied = False
         try:
             with _one_intraop_thread():
                 for step in sorted(self.steps, key=lambda s: s.order):
+                    if step.kind in ("optimizer", "module") and not copied:
+                        self._copy_in_place(threads)  # after every step that can still be rolled back
+                        copied = True
                     undo_step = self._apply_one(step)
                     if undo_step is not None:
                         undo.append(undo_step)
@@ -479,6 +485,17 @@ class RestorePlan:
                     logger.exception("rolling back a failed restore")
             raise
         return notes
+
+    def _copy_in_place(self, threads: int) -> None:
+        """Copy the loaded tensors of the modules and optimizers restored in place into the live
+        tensors they restore, all at once (``_inplace``); their steps then load that state."""
+        steps = [s for s in self.steps if s.kind in ("optimizer", "module") and s.action == "restore"]
+        copies = _inplace.prepare([(s.kind, s.live, s.saved) for s in steps])
+        if copies is None or not copies.pairs:
+            return
+        _inplace.copy_pairs(copies.pairs, threads)
+        for s in steps:
+            s.saved = copies.states.get(id(s.live), s.saved)
 
     def _apply_one(self, step: RestoreStep) -> Callable[[], None] | None:
         ns, name = self.namespace, step.target or step.name
