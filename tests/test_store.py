@@ -298,3 +298,47 @@ def test_verify_all_reports_every_tag_and_never_raises_for_one(tmp_path):
     assert not reports["b"].ok and "m.pt" in reports["b"].problems[0]
     assert "adopt it first: torchckpt adopt" in reports["ds"].problems[0]
     assert [r.tag for r in store.verify_all(["a"])] == ["a"]
+
+
+def _flip(path, where):
+    data = bytearray(path.read_bytes())
+    data[where(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["tensor bytes", "pickle", "zip directory"])
+def test_files_hashed_while_they_load_are_still_refused_when_damaged(root, damage):
+    """Files of OVERLAP_BYTES or more are hashed on other threads while this one unpickles them:
+    damage anywhere is still a CorruptCheckpointError naming the file, whatever the unpickler made of it."""
+    from torchckpt.store import OVERLAP_BYTES
+
+    store = CheckpointStore(root)
+    tx = store.transaction("big")
+    tx.write("a.pt", {"w": torch.arange(OVERLAP_BYTES // 4, dtype=torch.float32)})
+    tx.write("b.pt", {"w": torch.ones(1000)})
+    tx.commit(metadata={})
+    path = root / "big" / "a.pt"
+    raw = path.read_bytes()
+    where = {"tensor bytes": lambda d: len(d) // 2, "pickle": lambda d: raw.index(b"data.pkl") + 60,
+             "zip directory": lambda d: len(d) - 30}[damage]
+    _flip(path, where)
+    for load in (lambda: store.load("big", "a.pt"), lambda: store.load_files("big", ["b.pt", "a.pt"])):
+        with pytest.raises(CorruptCheckpointError, match=r"a\.pt: checksum mismatch.*verify=False"):
+            load()
+    if damage == "tensor bytes":  # the damage the unpickler cannot see: only the checksum finds it
+        assert store.load("big", "a.pt", verify=False)["w"].numel() == OVERLAP_BYTES // 4
+
+
+def test_load_files_loads_each_file_once_and_reports_progress(root):
+    from torchckpt.store import OVERLAP_BYTES
+
+    store = CheckpointStore(root)
+    tx = store.transaction("t")
+    tx.write("a.pt", {"w": torch.full((OVERLAP_BYTES // 4,), 2.0)})
+    tx.write("b.pt", {"n": 3})
+    tx.commit(metadata={})
+    seen = []
+    got = store.load_files("t", ["b.pt", "a.pt", "b.pt"], on_loaded=seen.append)
+    assert list(got) == ["b.pt", "a.pt"] == seen
+    assert got["b.pt"] == {"n": 3} and bool(got["a.pt"]["w"].eq(2.0).all())
+    assert not [t for t in __import__("threading").enumerate() if t.name == "torchckpt-verify"]

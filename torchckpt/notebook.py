@@ -721,17 +721,16 @@ class Checkpointer:
         entries: dict[str, tuple[str, Any]] = {}
         try:
             for name in wanted:
-                kind, file = saved[name].get("kind"), saved[name].get("file")
-                if kind not in state.KINDS:
+                if (kind := saved[name].get("kind")) not in state.KINDS:
                     raise RestoreError(f"{name}: unknown kind {kind!r} in the manifest of {tag!r}")
-                payload = None
-                if file:
-                    payload = self.store.load(tag, file, map_location=map_location, allow=allow, trusted=trusted,
-                                              verify=verify)
-                    if kind == "ndarray":
-                        payload = payload.cpu()
-                    bar.advance(sizes.get(file, 0))
-                entries[name] = (kind, payload)
+            # every file at once: their checksums are computed while they are unpickled
+            payloads = self.store.load_files(
+                tag, [saved[n]["file"] for n in wanted if saved[n].get("file")], map_location=map_location,
+                allow=allow, trusted=trusted, verify=verify, on_loaded=lambda f: bar.advance(sizes.get(f, 0)))
+            for name in wanted:
+                kind, file = saved[name]["kind"], saved[name].get("file")
+                payload = payloads[file] if file else None
+                entries[name] = (kind, payload.cpu() if kind == "ndarray" and payload is not None else payload)
             rng_state = None
             if restore_rng:
                 assert rng_file is not None

@@ -8,6 +8,7 @@ over it. The on-disk contract is in docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import difflib
 import errno
@@ -440,7 +441,31 @@ class CheckpointStore:
         allow_incomplete: bool = False,
         mmap: bool = True,
     ) -> Any:
-        """Load one file of a tag, checking it against the manifest first (``verify``)."""
+        """Load one file of a tag, checking it against the manifest (``verify``): :meth:`load_files`
+        of one file."""
+        return self.load_files(tag, [relpath], map_location=map_location, verify=verify, allow=allow,
+                               trusted=trusted, allow_incomplete=allow_incomplete, mmap=mmap)[relpath]
+
+    def load_files(
+        self,
+        tag: str | None,
+        relpaths: Iterable[str],
+        *,
+        map_location: serialization.MapLocation = None,
+        verify: bool = True,
+        allow: serialization.Allow = (),
+        trusted: bool = False,
+        allow_incomplete: bool = False,
+        mmap: bool = True,
+        on_loaded: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Load files of one tag, each checked against the manifest's size and checksum (``verify``).
+
+        Nothing is returned unless every file matches. Files of at least :data:`OVERLAP_BYTES` in
+        all are hashed on other threads while this one unpickles them (hashing releases the GIL;
+        the unpickling is the weights-only one, built for untrusted bytes): a file that fails to
+        load and to match is reported as corrupt. ``on_loaded(relpath)`` follows each file.
+        """
         try:
             tag, manifest = self._resolved(tag, allow_incomplete=allow_incomplete)
         except ManifestError as e:
@@ -448,27 +473,51 @@ class CheckpointStore:
                 raise ManifestError(f"{e}; to read its files anyway, load with verify=False, "
                                     "allow_incomplete=True") from e
             tag, manifest = self._existing(tag), None
-        validate_relpath(relpath)
-        path = self.root / tag / relpath
-        if problem := _file_problem(self.root / tag, relpath):
-            raise CorruptCheckpointError(f"checkpoint {tag!r} cannot be read safely: {relpath}: {problem}")
-        if manifest is not None:
-            rec = manifest.files.get(relpath)
-            if rec is None:
-                raise FileNotInCheckpointError(
-                    f"checkpoint {tag!r} has no file {relpath!r}; it has: {', '.join(sorted(manifest.files))}"
-                )
-            if verify and (problem := _check_file(self.root / tag, rec)):
-                raise CorruptCheckpointError(
-                    f"checkpoint {tag!r} is corrupt: {problem}; restore it from a copy, or load with verify=False"
-                )
-        elif not path.is_file():
-            raise FileNotInCheckpointError(f"checkpoint {tag!r} has no file {relpath!r}")
+        tag_dir = self.root / tag
+        relpaths = list(dict.fromkeys(relpaths))
+        records: list[FileRecord] = []
+        for relpath in relpaths:
+            validate_relpath(relpath)
+            if problem := _file_problem(tag_dir, relpath):
+                raise CorruptCheckpointError(f"checkpoint {tag!r} cannot be read safely: {relpath}: {problem}")
+            if manifest is not None:
+                rec = manifest.files.get(relpath)
+                if rec is None:
+                    raise FileNotInCheckpointError(
+                        f"checkpoint {tag!r} has no file {relpath!r}; it has: {', '.join(sorted(manifest.files))}"
+                    )
+                records.append(rec)
+            elif not (tag_dir / relpath).is_file():
+                raise FileNotInCheckpointError(f"checkpoint {tag!r} has no file {relpath!r}")
+
+        def corrupt(problems: list[str]) -> CorruptCheckpointError:
+            return CorruptCheckpointError(f"checkpoint {tag!r} is corrupt: {'; '.join(problems)}; "
+                                          "restore it from a copy, or load with verify=False")
+
+        checks = _Checksums(tag_dir, records if verify else [])
+        if not checks.overlapped and (problems := checks.problems()):
+            raise corrupt(problems)
         from . import (
             serialization,  # imports torch: not needed to list, verify or delete
         )
 
-        return serialization.load(path, map_location=map_location, allow=allow, trusted=trusted, mmap=mmap)
+        loaded: dict[str, Any] = {}
+        try:
+            for relpath in relpaths:
+                try:
+                    loaded[relpath] = serialization.load(tag_dir / relpath, map_location=map_location, allow=allow,
+                                                         trusted=trusted, mmap=mmap)
+                except Exception as e:
+                    if problems := checks.problems(relpath):  # the bytes are damaged: that is the error
+                        raise corrupt(problems) from e
+                    raise
+                if on_loaded is not None:
+                    on_loaded(relpath)
+            if problems := checks.problems():
+                raise corrupt(problems)
+        finally:
+            checks.join()
+        return loaded
 
     # -- writing -----------------------------------------------------------------------------
     def transaction(
@@ -627,6 +676,59 @@ def _file_problem(tag_dir: Path, relpath: str) -> str | None:
     if not stat.S_ISREG(mode):
         return "is not a regular file; refusing to read it"
     return None
+
+
+#: Files of at least this many bytes in all are hashed while they are unpickled (on other threads).
+OVERLAP_BYTES = 4 << 20
+
+
+class _Checksums:
+    """:func:`_check_file` of each record: at once on this thread for small files, else on up to
+    four other threads (one fewer than the CPUs), which start now. ``problems(relpath)`` waits
+    for that file's, ``problems()`` for every file's."""
+
+    def __init__(self, tag_dir: Path, records: list[FileRecord]):
+        self._tag_dir = tag_dir
+        self._results: dict[str, str | None] = {}
+        self._done = {rec.path: threading.Event() for rec in records}
+        self.overlapped = sum(rec.size for rec in records) >= OVERLAP_BYTES
+        self._threads: list[threading.Thread] = []
+        if not self.overlapped:
+            for rec in records:
+                self._check(rec)
+            return
+        queue = collections.deque(records)
+
+        def work() -> None:
+            while True:
+                try:
+                    rec = queue.popleft()
+                except IndexError:
+                    return
+                self._check(rec)
+
+        count = min(len(records), 4, max(1, (os.cpu_count() or 2) - 1))
+        self._threads = [threading.Thread(target=work, name="torchckpt-verify", daemon=True) for _ in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _check(self, rec: FileRecord) -> None:
+        try:
+            self._results[rec.path] = _check_file(self._tag_dir, rec)
+        except Exception as e:  # noqa: BLE001 - reported as the file's problem
+            self._results[rec.path] = f"{rec.path}: unreadable ({_describe(e)})"
+        finally:
+            self._done[rec.path].set()
+
+    def problems(self, relpath: str | None = None) -> list[str]:
+        paths = list(self._done) if relpath is None else [relpath] if relpath in self._done else []
+        for path in paths:
+            self._done[path].wait()
+        return [p for path in paths if (p := self._results[path])]
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
 
 
 def _check_file(tag_dir: Path, rec: FileRecord) -> str | None:
