@@ -109,7 +109,8 @@ def test_which_objects_qualify_for_the_bulk_copy():
     fresh = torch.optim.AdamW(model.parameters())
     pairs = []
     state = optimizer_state(fresh, opt.state_dict(), pairs)
-    assert pairs == [] and state is not None  # no live state: the loaded tensors are adopted
+    assert state is not None and len(pairs) == 3 * 3  # no live state yet: new tensors of its own
+    assert not any(dst is src or dst.data_ptr() == src.data_ptr() for dst, src in pairs)
     pairs = []
     optimizer_state(opt, copy.deepcopy(opt.state_dict()), pairs)
     assert len(pairs) == 3 * 3  # step, exp_avg, exp_avg_sq of the 3 distinct parameters
@@ -170,18 +171,28 @@ def test_large_tensors_are_split_across_threads_exactly(threads):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
-def test_after_an_in_place_load_no_mapping_of_the_checkpoint_remains(tmp_path):
-    """The optimizer's state is its own memory: removing the checkpoint frees its disk space."""
+@pytest.mark.parametrize("fresh", [False, True], ids=["trained-optimizer", "fresh-optimizer"])
+def test_after_an_in_place_load_no_mapping_of_the_checkpoint_remains(tmp_path, fresh):
+    """The optimizer's state is its own memory, also for an optimizer with no state yet: removing
+    the checkpoint frees its disk space, and the next step() takes no copy-on-write faults."""
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
     opt = torch.optim.AdamW(model.parameters())
     _train_linear(model, opt)
     with Checkpointer(tmp_path / "ck") as ck:
         ck.save("t", {"model": model, "opt": opt})
-        _train_linear(model, opt)
+        reference = copy.deepcopy(opt.state_dict())
+        if fresh:
+            opt = torch.optim.AdamW(model.parameters())
+        else:
+            _train_linear(model, opt)
         ck.load("t", {"model": model, "opt": opt}, rng=False)
         with open("/proc/self/maps") as f:
             maps = f.read()
         assert str(tmp_path / "ck") not in maps
+    for pid, state in reference["state"].items():
+        for key, value in state.items():
+            assert torch.equal(opt.state_dict()["state"][pid][key], value), (pid, key)
 
 
 def _train_linear(model, opt, width=256):

@@ -107,8 +107,8 @@ def module_state(live: torch.nn.Module, saved: Mapping[str, Any], pairs: list) -
 
 
 def optimizer_state(live: torch.optim.Optimizer, saved: Mapping[str, Any], pairs: list) -> Mapping[str, Any] | None:
-    """As :func:`module_state`, for an optimizer whose state already holds tensors (a fresh one
-    has none: it adopts the loaded tensors, as ``load_state_dict`` does)."""
+    """As :func:`module_state`, for an optimizer: its state tensors, or new ones where it has no
+    state yet (a fresh optimizer), so that none of them is a mapping of the checkpoint file."""
     if type(live).load_state_dict is not torch.optim.Optimizer.load_state_dict:
         return None
     if live._optimizer_load_state_dict_pre_hooks:
@@ -119,12 +119,14 @@ def optimizer_state(live: torch.optim.Optimizer, saved: Mapping[str, Any], pairs
     new_state = dict(saved["state"])
     for pid, pstate in saved["state"].items():
         param = params.get(pid)
-        current = live.state.get(param) if param is not None else None
-        if not current or not isinstance(pstate, Mapping):
+        if param is None or not isinstance(pstate, Mapping):
             continue
+        current = live.state.get(param) or {}
         substituted = dict(pstate)
         for key, value in pstate.items():
             target = current.get(key)
+            if target is None and _plain(value):  # no state yet: memory of its own, not a mapping of the file
+                target = torch.empty_like(value)
             if _pairs_up(target, value):
                 pairs.append((target, value))
                 substituted[key] = target
