@@ -342,3 +342,27 @@ def test_load_files_loads_each_file_once_and_reports_progress(root):
     assert list(got) == ["b.pt", "a.pt"] == seen
     assert got["b.pt"] == {"n": 3} and bool(got["a.pt"]["w"].eq(2.0).all())
     assert not [t for t in __import__("threading").enumerate() if t.name == "torchckpt-verify"]
+
+
+class _Marker:
+    """Creates a file when unpickled with weights_only=False (the code a hostile pickle would run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_trusted_load_checks_the_bytes_before_any_pickled_code_runs(root, tmp_path):
+    from torchckpt.store import OVERLAP_BYTES
+
+    store = CheckpointStore(root)
+    tx = store.transaction("t")
+    tx.write("a.pt", {"w": torch.zeros(OVERLAP_BYTES // 4)})
+    tx.commit(metadata={})
+    marker = tmp_path / "code-ran"
+    torch.save({"w": torch.zeros(OVERLAP_BYTES // 4), "x": _Marker(marker)}, root / "t" / "a.pt")  # replaced
+    with pytest.raises(CorruptCheckpointError, match="a.pt: size"):
+        store.load("t", "a.pt", trusted=True)
+    assert not marker.exists()

@@ -53,10 +53,6 @@ class InPlaceCopy:
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     states: dict[int, Any] = field(default_factory=dict)  # id(live object) -> substituted state
 
-    @property
-    def nbytes(self) -> int:
-        return sum(dst.nbytes for dst, _ in self.pairs)
-
 
 def _plain(t: Any) -> bool:
     return (

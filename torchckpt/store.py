@@ -464,7 +464,8 @@ class CheckpointStore:
         Nothing is returned unless every file matches. Files of at least :data:`OVERLAP_BYTES` in
         all are hashed on other threads while this one unpickles them (hashing releases the GIL;
         the unpickling is the weights-only one, built for untrusted bytes): a file that fails to
-        load and to match is reported as corrupt. ``on_loaded(relpath)`` follows each file.
+        load and to match is reported as corrupt. With ``trusted=True`` (``weights_only=False``:
+        pickled code runs) every file is checked first. ``on_loaded(relpath)`` follows each file.
         """
         try:
             tag, manifest = self._resolved(tag, allow_incomplete=allow_incomplete)
@@ -494,7 +495,8 @@ class CheckpointStore:
             return CorruptCheckpointError(f"checkpoint {tag!r} is corrupt: {'; '.join(problems)}; "
                                           "restore it from a copy, or load with verify=False")
 
-        checks = _Checksums(tag_dir, records if verify else [])
+        # trusted=True unpickles with weights_only=False: never before the bytes are known to match
+        checks = _Checksums(tag_dir, records if verify else [], overlap=not trusted)
         if not checks.overlapped and (problems := checks.problems()):
             raise corrupt(problems)
         from . import (
@@ -687,11 +689,11 @@ class _Checksums:
     four other threads (one fewer than the CPUs), which start now. ``problems(relpath)`` waits
     for that file's, ``problems()`` for every file's."""
 
-    def __init__(self, tag_dir: Path, records: list[FileRecord]):
+    def __init__(self, tag_dir: Path, records: list[FileRecord], *, overlap: bool = True):
         self._tag_dir = tag_dir
         self._results: dict[str, str | None] = {}
         self._done = {rec.path: threading.Event() for rec in records}
-        self.overlapped = sum(rec.size for rec in records) >= OVERLAP_BYTES
+        self.overlapped = overlap and sum(rec.size for rec in records) >= OVERLAP_BYTES
         self._threads: list[threading.Thread] = []
         if not self.overlapped:
             for rec in records:
