@@ -46,15 +46,29 @@ def _chart_note() -> list[str]:
     return []
 
 
-def _png_of(result) -> bytes | None:
-    """The picture, or None where matplotlib is missing (the text view says so): a display hook
-    must not raise."""
-    from .errors import MissingExtraError
+class _Chart(results.Result):
+    """A result shown as a picture (image/png) and its text; no HTML table. Subclasses give
+    ``figure()`` and a ``quiet`` field."""
 
-    try:
-        return _png(result.figure())
-    except MissingExtraError:
+    quiet: bool
+
+    def figure(self):
+        raise NotImplementedError
+
+    def _repr_html_(self) -> None:
         return None
+
+    def _repr_png_(self) -> bytes | None:
+        """The picture, or None where matplotlib is missing (the text view says so): a display
+        hook must not raise."""
+        from .errors import MissingExtraError
+
+        if self.quiet:
+            return None
+        try:
+            return _png(self.figure())
+        except MissingExtraError:
+            return None
 
 
 def _png(fig) -> bytes:
@@ -73,7 +87,7 @@ class Point:
 
 
 @dataclass
-class MetricPlot(results.Result):
+class MetricPlot(_Chart):
     """Each metric against step, one line per lineage branch (named by its newest tag).
 
     Attributes:
@@ -105,12 +119,6 @@ class MetricPlot(results.Result):
                 lines.append(f"{metric} [{branch}]: " + ", ".join(f"{p.tag}@{p.step}={results.format_value(p.value)}"
                                                                   for p in pts))
         return "\n".join(lines + _chart_note())
-
-    def _repr_html_(self) -> None:  # the picture (image/png) and the text; no HTML table
-        return None
-
-    def _repr_png_(self) -> bytes | None:
-        return None if self.quiet else _png_of(self)
 
     def figure(self):
         """A matplotlib ``Figure``: one panel per metric."""
@@ -187,7 +195,7 @@ def _number(v: Any) -> bool:
 
 
 @dataclass
-class DiffPlot(results.Result):
+class DiffPlot(_Chart):
     """Per-parameter relative change ``‖B−A‖/‖A‖`` between two tags, as bars in module order.
 
     Attributes:
@@ -210,12 +218,6 @@ class DiffPlot(results.Result):
     def to_text(self) -> str:
         rows = [[k, f"{v:.3g}"] for k, v in self.relative.items()]
         return "\n".join([repr(self), results.text_table(["parameter", "‖B−A‖/‖A‖"], rows), *_chart_note()])
-
-    def _repr_html_(self) -> None:
-        return None
-
-    def _repr_png_(self) -> bytes | None:
-        return None if self.quiet else _png_of(self)
 
     def figure(self):
         """A matplotlib ``Figure``: one horizontal bar per parameter, in module order, top down."""
