@@ -29,7 +29,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +66,7 @@ def _plain(t: Any) -> bool:
 
 
 def _pairs_up(dst: Any, src: Any) -> bool:
-    return (type(dst) in _PLAIN_TYPES and type(src) in _PLAIN_TYPES and dst.dtype == src.dtype
-            and dst.shape == src.shape and _plain(dst) and _plain(src))
+    return _plain(dst) and _plain(src) and dst.dtype == src.dtype and dst.shape == src.shape
 
 
 def _torch_nn_loader(module: torch.nn.Module) -> bool:
@@ -90,7 +89,7 @@ def module_state(live: torch.nn.Module, saved: Mapping[str, Any], pairs: list) -
     if not all(_torch_nn_loader(m) for m in live.modules()):
         return None
     live_sd = live.state_dict(keep_vars=True)
-    state = type(saved)(saved) if isinstance(saved, dict) else dict(saved)
+    state = OrderedDict(saved)
     metadata = getattr(saved, "_metadata", None)
     if metadata is not None:
         state._metadata = metadata  # type: ignore[attr-defined]  # versions: load_state_dict reads them
