@@ -190,5 +190,5 @@ def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 1)
         t.join()
     if errors:
         raise errors[0]
-    for dst, _ in pairs:
-        torch.autograd.graph.increment_version(dst)
+    if pairs:
+        torch.autograd.graph.increment_version([dst for dst, _ in pairs])  # one call for all of them
