@@ -366,3 +366,42 @@ def test_a_trusted_load_checks_the_bytes_before_any_pickled_code_runs(root, tmp_
     with pytest.raises(CorruptCheckpointError, match="a.pt: size"):
         store.load("t", "a.pt", trusted=True)
     assert not marker.exists()
+
+
+def test_work_while_verifying_runs_before_the_checksums_are_known_and_yields_to_damage(root, monkeypatch):
+    """``while_verifying`` (a restore's planning) runs once the files are unpickled, while their
+    hashes are still being computed; when it fails on damaged bytes, the damage is the error."""
+    import threading
+
+    import torchckpt.store as store_module
+    from torchckpt.store import OVERLAP_BYTES
+
+    store = CheckpointStore(root)
+    tx = store.transaction("t")
+    tx.write("a.pt", {"w": torch.arange(OVERLAP_BYTES // 4, dtype=torch.float32)})
+    tx.write("b.pt", {"n": 3})
+    tx.commit(metadata={})
+    planning, overlapped = threading.Event(), []
+    real_check = store_module._check_file
+
+    def slow_check(tag_dir, rec):
+        if rec.path == "a.pt":  # a hash still running when the planning starts
+            overlapped.append(planning.wait(10))
+        return real_check(tag_dir, rec)
+
+    monkeypatch.setattr(store_module, "_check_file", slow_check)
+    seen = []
+    got = store.load_files("t", ["a.pt", "b.pt"], while_verifying=lambda loaded: (planning.set(), seen.append(sorted(loaded))))
+    assert seen == [["a.pt", "b.pt"]] and overlapped == [True] and got["b.pt"] == {"n": 3}
+
+    def refuse(loaded):
+        raise ValueError("shape (3,) saved, (4,) live")
+
+    with pytest.raises(ValueError, match="shape"):  # intact files: the planning's own error
+        store.load_files("t", ["a.pt", "b.pt"], while_verifying=refuse)
+    _flip(root / "t" / "a.pt", lambda d: len(d) // 2)
+    with pytest.raises(CorruptCheckpointError, match=r"a\.pt: checksum mismatch") as err:
+        store.load_files("t", ["a.pt", "b.pt"], while_verifying=refuse)
+    assert isinstance(err.value.__cause__, ValueError)
+    with pytest.raises(CorruptCheckpointError, match=r"a\.pt: checksum mismatch"):  # planning that succeeds changes nothing
+        store.load_files("t", ["a.pt", "b.pt"], while_verifying=lambda loaded: None)

@@ -718,27 +718,33 @@ class Checkpointer:
             files.append(rng_file)
         total = sum(sizes.get(f, 0) for f in files)
         bar = _Progress(progress, total, f"load {tag}", self.progress_min_bytes)
-        entries: dict[str, tuple[str, Any]] = {}
         try:
             for name in wanted:
                 if (kind := saved[name].get("kind")) not in state.KINDS:
                     raise RestoreError(f"{name}: unknown kind {kind!r} in the manifest of {tag!r}")
-            # every file at once: their checksums are computed while they are unpickled
-            payloads = self.store.load_files(
-                tag, [saved[n]["file"] for n in wanted if saved[n].get("file")], map_location=map_location,
-                allow=allow, trusted=trusted, verify=verify, on_loaded=lambda f: bar.advance(sizes.get(f, 0)))
-            for name in wanted:
-                kind, file = saved[name]["kind"], saved[name].get("file")
-                payload = payloads[file] if file else None
-                entries[name] = (kind, payload.cpu() if kind == "ndarray" and payload is not None else payload)
             rng_state = None
             if restore_rng:
                 assert rng_file is not None
                 rng_state = self.store.load(tag, rng_file, map_location="cpu", verify=verify)
                 bar.advance(sizes.get(rng_file, 0))
+            plans: list[state.RestorePlan] = []
+
+            def plan_restore(payloads: dict[str, Any]) -> None:
+                entries: dict[str, tuple[str, Any]] = {}
+                for name in wanted:
+                    kind, file = saved[name]["kind"], saved[name].get("file")
+                    payload = payloads[file] if file else None
+                    entries[name] = (kind, payload.cpu() if kind == "ndarray" and payload is not None else payload)
+                plans.append(state.plan_restore(entries, namespace, strict=strict, into=into, rng=rng_state))
+
+            # every file at once: their checksums are computed while they are unpickled and planned
+            self.store.load_files(
+                tag, [saved[n]["file"] for n in wanted if saved[n].get("file")], map_location=map_location,
+                allow=allow, trusted=trusted, verify=verify, on_loaded=lambda f: bar.advance(sizes.get(f, 0)),
+                while_verifying=plan_restore)
+            plan = plans[0]
         finally:
             bar.close()
-        plan = state.plan_restore(entries, namespace, strict=strict, into=into, rng=rng_state)
         if any(step.kind == "deepspeed" for step in plan.steps):
             from .deepspeed.notebook import load_engine  # imports DeepSpeed
 

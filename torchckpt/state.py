@@ -457,6 +457,9 @@ class RestorePlan:
     warnings: list[str] = field(default_factory=list)
     #: Called for DeepSpeed engines: ``load_engine(step)`` (the engine loads its own files).
     load_engine: Callable[[RestoreStep], None] | None = None
+    #: The bulk copy of the modules' and optimizers' tensors, paired when planned (None: they
+    #: load as torch loads them); made in :meth:`apply`, after every step that can be rolled back.
+    copies: _inplace.InPlaceCopy | None = None
 
     def apply(self) -> list[str]:
         """Restore every object; returns notes. On an unexpected failure the objects restored
@@ -489,13 +492,12 @@ class RestorePlan:
     def _copy_in_place(self, threads: int) -> None:
         """Copy the loaded tensors of the modules and optimizers restored in place into the live
         tensors they restore, all at once (``_inplace``); their steps then load that state."""
-        steps = [s for s in self.steps if s.kind in ("optimizer", "module") and s.action == "restore"]
-        copies = _inplace.prepare([(s.kind, s.live, s.saved) for s in steps])
-        if copies is None or not copies.pairs:
+        if self.copies is None or not self.copies.pairs:
             return
-        _inplace.copy_pairs(copies.pairs, threads)
-        for s in steps:
-            s.saved = copies.states.get(id(s.live), s.saved)
+        _inplace.copy_pairs(self.copies.pairs, threads)
+        for s in self.steps:
+            if s.action == "restore" and id(s.live) in self.copies.states:
+                s.saved = self.copies.states[id(s.live)]
 
     def _apply_one(self, step: RestoreStep) -> Callable[[], None] | None:
         ns, name = self.namespace, step.target or step.name
@@ -652,7 +654,8 @@ def plan_restore(
         problems += check_rng(rng)
     if problems:
         raise RestoreError("nothing was restored: " + "; ".join(problems))
-    return RestorePlan(steps, namespace, rng=rng, warnings=notes)
+    copies = _inplace.prepare([(s.kind, s.live, s.saved) for s in steps if s.action == "restore"])
+    return RestorePlan(steps, namespace, rng=rng, warnings=notes, copies=copies)
 
 
 _KIND_WORDS = {"value": "a plain value", "tensor": "a tensor", "ndarray": "a NumPy array",

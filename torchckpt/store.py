@@ -458,6 +458,7 @@ class CheckpointStore:
         allow_incomplete: bool = False,
         mmap: bool = True,
         on_loaded: Callable[[str], None] | None = None,
+        while_verifying: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Load files of one tag, each checked against the manifest's size and checksum (``verify``).
 
@@ -466,6 +467,11 @@ class CheckpointStore:
         the unpickling is the weights-only one, built for untrusted bytes): a file that fails to
         load and to match is reported as corrupt. With ``trusted=True`` (``weights_only=False``:
         pickled code runs) every file is checked first. ``on_loaded(relpath)`` follows each file.
+
+        ``while_verifying(loaded)`` runs on this thread once every file is unpickled, while the
+        last checksums are still being computed: work that reads what was loaded and changes
+        nothing (checking it against the live objects it will restore). Should it raise while a
+        file does not match, the mismatch is the error reported.
         """
         try:
             tag, manifest = self._resolved(tag, allow_incomplete=allow_incomplete)
@@ -515,6 +521,13 @@ class CheckpointStore:
                     raise
                 if on_loaded is not None:
                     on_loaded(relpath)
+            if while_verifying is not None:
+                try:
+                    while_verifying(loaded)
+                except Exception as e:
+                    if problems := checks.problems():  # checking damaged bytes failed: the damage is the error
+                        raise corrupt(problems) from e
+                    raise
             if problems := checks.problems():
                 raise corrupt(problems)
         finally:
