@@ -405,3 +405,23 @@ def test_work_while_verifying_runs_before_the_checksums_are_known_and_yields_to_
     assert isinstance(err.value.__cause__, ValueError)
     with pytest.raises(CorruptCheckpointError, match=r"a\.pt: checksum mismatch"):  # planning that succeeds changes nothing
         store.load_files("t", ["a.pt", "b.pt"], while_verifying=lambda loaded: None)
+
+
+def test_transaction_waits_out_a_momentary_probe_of_its_writing_lock(tmp_path):
+    # A listing (dedup's candidates of a save on another thread, the panel's poll, `torchckpt list`)
+    # probes each tag's writing lock by taking it exclusively for an instant: a save beginning
+    # that tag at that instant must not take the probe for another writer.
+    import fcntl
+    import threading
+
+    from torchckpt.layout import WRITING_NAME
+
+    store = CheckpointStore(tmp_path / "ckpts")
+    (store.root / "t").mkdir(parents=True)
+    fd = os.open(store.root / "t" / WRITING_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a probe, slow to let go (the GIL, a loaded machine)
+    threading.Timer(0.05, os.close, args=(fd,)).start()
+    with store.transaction("t") as tx:
+        tx.write("w.pt", {"w": torch.ones(3)})
+        tx.commit()
+    assert store.verify("t").ok

@@ -491,17 +491,19 @@ class Checkpointer:
             logger.warning("could not remove the failed save %s: %s (gc removes it later)", tag, e)
 
     def _async_writer(self) -> AsyncWriter:
-        if self._writer is None:
-            from .async_writer import AsyncWriter
+        with self._lock:  # saves from several threads share one writer
+            if self._writer is None:
+                from .async_writer import AsyncWriter
 
-            self._writer = AsyncWriter(max_inflight_bytes=self._options.max_inflight_bytes,
-                                       pin_memory=self._options.pin_memory)
-        return self._writer
+                self._writer = AsyncWriter(max_inflight_bytes=self._options.max_inflight_bytes,
+                                           pin_memory=self._options.pin_memory)
+            return self._writer
 
     def _background(self) -> ThreadPoolExecutor:
-        if self._committer is None:
-            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-commit")
-        return self._committer
+        with self._lock:  # one committer: commits run one at a time
+            if self._committer is None:
+                self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-commit")
+            return self._committer
 
     def _commit_now(self, pending: _Pending) -> SaveResult:
         tag = pending.result.tag

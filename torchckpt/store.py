@@ -176,27 +176,44 @@ class LocalCoordinator:
         return [value], [None]
 
 
-def _in_flight(tag_dir: Path, *, probes: int = 5) -> bool:
+def _in_flight(tag_dir: Path) -> bool:
     """True while some process holds the tag's writing lock (released by the OS on death).
 
     The probe takes the lock exclusively for an instant, so two processes probing one tag at once
-    can see each other; a writer holds it throughout, so only a lock held on every retry counts.
+    can see each other; a writer holds it throughout, so only a lock held for
+    :data:`_PROBE_PATIENCE` counts.
     """
     try:
         fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
-        for attempt in range(probes):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return False
-            except BlockingIOError:
-                if attempt + 1 < probes:
-                    time.sleep(0.001 * (attempt + 1))
-        return True
+        return not _lock_exclusive(fd, patience=_PROBE_PATIENCE)
     finally:
         os.close(fd)
+
+
+#: How long a new writer keeps trying for a tag's writing lock, and a probe for a tag's: an
+#: :func:`_in_flight` probe (a listing in this process or another: dedup's candidates, ``list``,
+#: the panel's poll) holds it exclusively for an instant (a few ms on a loaded machine), a real
+#: writer for the whole save.
+_BEGIN_PATIENCE = 0.5
+_PROBE_PATIENCE = 0.05
+
+
+def _lock_exclusive(fd: int, *, patience: float = _BEGIN_PATIENCE) -> bool:
+    """Take ``fd``'s flock exclusively, retrying for up to ``patience`` seconds; False if it stayed held."""
+    deadline = time.monotonic() + patience
+    attempt = 0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            attempt += 1
+            time.sleep(min(0.001 * attempt, 0.02))
 
 
 class CheckpointStore:
@@ -883,16 +900,14 @@ class Transaction:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.dir / WRITING_NAME, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if self.coordinator.world_size == 1:
-                    # One process per tag: two kernels saving the same tag would interleave
-                    # files and manifests. (The ranks of one multi-rank save share the tag.)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        raise CheckpointInUseError(
-                            f"checkpoint {self.tag!r} in {self.store.root} is being written by another process "
-                            "or save; wait for its commit, or save under another tag"
-                        ) from None
+                # One process per tag: two kernels saving the same tag would interleave files and
+                # manifests (the ranks of one multi-rank save share the tag). Retried: a probe of
+                # another thread or process holds the lock for an instant.
+                if self.coordinator.world_size == 1 and not _lock_exclusive(fd):
+                    raise CheckpointInUseError(
+                        f"checkpoint {self.tag!r} in {self.store.root} is being written by another process "
+                        "or save; wait for its commit, or save under another tag"
+                    ) from None
                 fcntl.flock(fd, fcntl.LOCK_SH)
             except BaseException:
                 os.close(fd)
