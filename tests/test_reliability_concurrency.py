@@ -241,3 +241,26 @@ def test_processes_listing_one_root_at_once_never_see_each_other_as_writers(tmp_
         assert _in_flight(tmp_path / "t"), "a real writer is still seen"
     finally:
         writing.abort()
+
+
+def test_a_tag_being_written_is_seen_at_once_and_the_probes_turns_never_hold_up_a_writer(tmp_path, monkeypatch):
+    """Probes take turns, so a lock found held is a writer's: a listing does not wait on a tag being
+    written (a save lists the root for identical files while the previous async save writes)."""
+    import time
+
+    import torch
+
+    import torchckpt.store as store_module
+
+    store = CheckpointStore(tmp_path)
+    writing = store.transaction("t")
+    slept = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(store_module.time, "sleep", lambda s: (slept.append(s), real_sleep(s)))
+    try:
+        assert [i.in_flight for i in store.list()] == [True] and slept == []
+    finally:
+        writing.abort()
+    with store.transaction("u") as tx, store_module._probes_take_turns(tmp_path / "u"):
+        tx.write("a.pt", torch.ones(1))
+        tx.commit()

@@ -179,24 +179,45 @@ class LocalCoordinator:
 def _in_flight(tag_dir: Path) -> bool:
     """True while some process holds the tag's writing lock (released by the OS on death).
 
-    The probe takes the lock exclusively for an instant, so two processes probing one tag at once
-    can see each other; a writer holds it throughout, so only a lock held for
-    :data:`_PROBE_PATIENCE` counts.
+    The probe tests the lock by taking it exclusively for an instant. Probes of one tag take turns
+    (a lock on the tag's directory, in this process and others), so a probe never takes another
+    probe for a writer, and a lock found held is a writer's: no waiting on a tag being written.
+    Where directories cannot be locked, a lock held for :data:`_PROBE_PATIENCE` counts.
     """
+    with _probes_take_turns(tag_dir) as alone:
+        try:
+            fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return not _lock_exclusive(fd, patience=0.0 if alone else _PROBE_PATIENCE)
+        finally:
+            os.close(fd)  # unlocks it before the next probe's turn
+
+
+@contextlib.contextmanager
+def _probes_take_turns(tag_dir: Path) -> Iterator[bool]:
+    """Hold the tag directory's flock (only probes take it); yields False where it cannot be had."""
     try:
-        fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
+        fd = os.open(tag_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield False
+        return
     try:
-        return not _lock_exclusive(fd, patience=_PROBE_PATIENCE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another probe's instant
+        except OSError:  # a file system without directory locks
+            yield False
+            return
+        yield True
     finally:
-        os.close(fd)
+        os.close(fd)  # releases it
 
 
-#: How long a new writer keeps trying for a tag's writing lock, and a probe for a tag's: an
-#: :func:`_in_flight` probe (a listing in this process or another: dedup's candidates, ``list``,
-#: the panel's poll) holds it exclusively for an instant (a few ms on a loaded machine), a real
-#: writer for the whole save.
+#: How long a new writer keeps trying for a tag's writing lock: a probe (a listing in this process
+#: or another: dedup's candidates, ``list``, the panel's poll) holds it exclusively for an instant
+#: (a few ms on a loaded machine), a writer for the whole save. And how long a probe that cannot
+#: take turns with the others (see :func:`_in_flight`) waits before it counts the lock as a writer's.
 _BEGIN_PATIENCE = 0.5
 _PROBE_PATIENCE = 0.05
 
