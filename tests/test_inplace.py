@@ -127,7 +127,7 @@ def test_tied_weights_are_copied_once_and_different_values_for_one_tensor_fall_b
     assert prepare([("module", model, sd2)]) is None
 
 
-def test_overlapping_destinations_fall_back():
+def test_overlapping_destinations_fall_back(tmp_path):
     lin = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD([lin.weight, lin.bias], lr=0.1, momentum=0.9)
     buf = torch.zeros(10)
@@ -136,6 +136,14 @@ def test_overlapping_destinations_fall_back():
     assert prepare([("optimizer", opt, copy.deepcopy(opt.state_dict()))]) is not None
     opt.state[lin.bias]["momentum_buffer"] = buf[5:7]  # shares a float with the weight's buffer
     assert prepare([("optimizer", opt, copy.deepcopy(opt.state_dict()))]) is None
+    buf.copy_(torch.arange(10.0))
+    with Checkpointer(tmp_path / "ck") as ck:  # end to end: the plan falls back, torch loads as it always did
+        ck.save("t", {"lin": lin, "opt": opt})
+        saved = copy.deepcopy(opt.state_dict())
+        buf.zero_()
+        ck.load("t", {"lin": lin, "opt": opt}, rng=False)
+    for pid, state in opt.state_dict()["state"].items():
+        assert torch.equal(state["momentum_buffer"], saved["state"][pid]["momentum_buffer"])
 
 
 def test_dtype_casts_and_non_contiguous_tensors_are_left_to_load_state_dict(tmp_path):
