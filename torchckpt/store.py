@@ -184,15 +184,18 @@ def _in_flight(tag_dir: Path) -> bool:
     probe for a writer, and a lock found held is a writer's: no waiting on a tag being written.
     Where directories cannot be locked, a lock held for :data:`_PROBE_PATIENCE` counts.
     """
-    with _probes_take_turns(tag_dir) as alone:
-        try:
-            fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
-        except FileNotFoundError:
+    try:
+        fd = os.open(tag_dir / WRITING_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        with _probes_take_turns(tag_dir) as alone:
+            if not _lock_exclusive(fd, patience=0.0 if alone else _PROBE_PATIENCE):
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)  # before the next probe's turn
             return False
-        try:
-            return not _lock_exclusive(fd, patience=0.0 if alone else _PROBE_PATIENCE)
-        finally:
-            os.close(fd)  # unlocks it before the next probe's turn
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -206,10 +209,10 @@ def _probes_take_turns(tag_dir: Path) -> Iterator[bool]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # another probe's instant
+            alone = True
         except OSError:  # a file system without directory locks
-            yield False
-            return
-        yield True
+            alone = False
+        yield alone
     finally:
         os.close(fd)  # releases it
 
